@@ -1,0 +1,176 @@
+//! TCP listeners: the accept loop, and per connection: pick a backend,
+//! connect (bounded by `connect_timeout`, next candidate on failure), then
+//! forward both ways.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::backend::Backend;
+use crate::listener::Listener;
+use crate::proxy::forward::{self, forward, Meters};
+use crate::stats::{ActiveGuard, DropReason};
+
+/// Listen backlog; the kernel caps it at `net.core.somaxconn`.
+const BACKLOG: i32 = 65_535;
+
+/// Bind a TCP listening socket: SO_REUSEADDR, IPv6 sockets v6-only (so
+/// `[::]:p` and `0.0.0.0:p` can coexist), a large backlog.
+pub fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket
+        .bind(&addr.into())
+        .with_context(|| format!("cannot bind TCP {addr}"))?;
+    socket.listen(BACKLOG)?;
+    Ok(TcpListener::from_std(socket.into())?)
+}
+
+/// Accept connections until `shutdown`, each handled in a task tracked by
+/// `tracker` so that shutdown can wait for them to drain.
+pub async fn run(
+    listener: Arc<Listener>,
+    socket: TcpListener,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let limit = Arc::new(Semaphore::new(listener.snapshot().spec.max_connections));
+    let mut backoff = Duration::ZERO;
+    loop {
+        let permit = match limit.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                // At max_connections: stop accepting (the kernel backlog holds
+                // new clients) until a connection ends.
+                listener.stats.limit_events.fetch_add(1, Relaxed);
+                warn!(listener = %listener.name(), "max_connections reached: pausing accept");
+                tokio::select! {
+                    p = limit.clone().acquire_owned() => p.expect("semaphore is never closed"),
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+        };
+        let accepted = tokio::select! {
+            r = socket.accept() => r,
+            _ = shutdown.cancelled() => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                backoff = Duration::ZERO;
+                tracker.spawn(handle(listener.clone(), stream, peer, permit));
+            }
+            Err(e) if is_per_connection(&e) => debug!(listener = %listener.name(), error = %e, "accept"),
+            Err(e) => {
+                // EMFILE, ENFILE, ENOBUFS...: back off, never spin, never give up.
+                backoff = (backoff * 2).clamp(Duration::from_millis(5), Duration::from_secs(1));
+                warn!(listener = %listener.name(), error = %e, backoff = ?backoff, "accept failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+        }
+    }
+}
+
+/// Errors that concern one connection only and say nothing about the listener.
+fn is_per_connection(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset | io::ErrorKind::Interrupted
+    )
+}
+
+async fn handle(
+    listener: Arc<Listener>,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    _permit: OwnedSemaphorePermit,
+) {
+    let stats = &listener.stats;
+    stats.total.fetch_add(1, Relaxed);
+    let _active = ActiveGuard::new(&stats.active);
+    set_nodelay_or_warn(&client);
+    let start = Instant::now();
+    let spec = listener.snapshot().spec.clone();
+    let mut tried = 0;
+    for backend in listener.candidates(peer.ip()) {
+        tried += 1;
+        let bstats = &backend.state.stats;
+        let _backend_active = ActiveGuard::new(&bstats.active);
+        match connect(&backend, spec.connect_timeout).await {
+            Ok(mut upstream) => {
+                bstats.total.fetch_add(1, Relaxed);
+                backend.state.health.observe_data_path_success();
+                let meters = Meters {
+                    upstream: [&stats.rx_bytes, &bstats.tx_bytes],
+                    downstream: [&bstats.rx_bytes, &stats.tx_bytes],
+                };
+                let out = forward(&mut client, &mut upstream, spec.idle_timeout, meters).await;
+                info!(
+                    target: "slb::access",
+                    listener = %listener.name(), client = %peer, backend = %backend.addr,
+                    duration_ms = start.elapsed().as_millis() as u64,
+                    rx_bytes = out.to_backend, tx_bytes = out.to_client, end = out.end.as_str(),
+                    "tcp connection"
+                );
+                return;
+            }
+            Err(e) => {
+                bstats.connect_failures.fetch_add(1, Relaxed);
+                debug!(listener = %listener.name(), backend = %backend.addr, error = %e, "connect failed; trying next candidate");
+                if backend.state.health.observe_data_path_failure() {
+                    listener.rebuild();
+                }
+            }
+        }
+    }
+    let reason = if tried == 0 {
+        DropReason::NoBackend
+    } else {
+        DropReason::ConnectFailed
+    };
+    stats.drop_one(reason);
+    forward::reset(&client);
+    info!(
+        target: "slb::access",
+        listener = %listener.name(), client = %peer, tried,
+        duration_ms = start.elapsed().as_millis() as u64,
+        end = reason.as_str(), "tcp connection dropped"
+    );
+}
+
+/// Connect to a backend with TCP_NODELAY, bounded by `timeout`.
+async fn connect(backend: &Backend, timeout: Duration) -> io::Result<TcpStream> {
+    let socket = if backend.addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_nodelay(true)?;
+    match tokio::time::timeout(timeout, socket.connect(backend.addr)).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
+    }
+}
+
+fn set_nodelay_or_warn(stream: &TcpStream) {
+    if let Err(e) = stream.set_nodelay(true) {
+        warn!(error = %e, "cannot set TCP_NODELAY");
+    }
+}
