@@ -155,8 +155,36 @@ pub fn load(path: &Path) -> Result<Config> {
 
 /// Parse and validate configuration text.
 pub fn parse(text: &str) -> Result<Config> {
-    let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let de = serde_yaml::Deserializer::from_str(text);
+    let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(yaml_error)?;
     validate(raw)
+}
+
+/// "listeners[0].health_check.interval: <what is wrong> (line 7, column 9)":
+/// the exact field path from serde_path_to_error, the position from
+/// serde_yaml (which points at the field or at its enclosing map).
+fn yaml_error(e: serde_path_to_error::Error<serde_yaml::Error>) -> anyhow::Error {
+    let path = e.path().to_string();
+    let inner = e.into_inner();
+    let mut msg = inner.to_string();
+    if let Some(i) = msg.rfind(" at line ") {
+        msg.truncate(i);
+    }
+    // serde_yaml prefixes its own (coarser) path: drop it.
+    if let Some((head, rest)) = msg.split_once(": ") {
+        if !head.contains(' ') {
+            msg = rest.to_string();
+        }
+    }
+    let at = inner
+        .location()
+        .map(|l| format!(" (line {}, column {})", l.line(), l.column()))
+        .unwrap_or_default();
+    if path == "." || path.is_empty() {
+        anyhow::anyhow!("{msg}{at}")
+    } else {
+        anyhow::anyhow!("{path}: {msg}{at}")
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -585,7 +613,10 @@ backend_groups:
     fn out_of_range_weight_names_line_and_range() {
         let text = MINIMAL.replace("9999\n", "9999\n        weight: 101\n");
         let e = format!("{:#}", parse(&text).unwrap_err());
-        assert!(e.contains("0..=100") && e.contains("line 11"), "{e}");
+        assert!(
+            e.contains("backends[0].weight: 101") && e.contains("0..=100") && e.contains("line 10"),
+            "{e}"
+        );
     }
 
     #[test]

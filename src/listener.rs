@@ -87,6 +87,12 @@ impl Listener {
     }
 }
 
+impl Listener {
+    /// Remember that `client` was sent to `backend` (session persistence).
+    /// Placeholder until session persistence lands: remembers nothing.
+    pub fn record(&self, _client: IpAddr, _backend: &Backend) {}
+}
+
 /// Candidates in order of preference: the scheduler's pick, then the other
 /// eligible backends in ring order after it. Backends that became ineligible
 /// since the snapshot was taken are skipped (unless failing open).

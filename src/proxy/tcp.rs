@@ -117,6 +117,7 @@ async fn handle(
             Ok(mut upstream) => {
                 bstats.total.fetch_add(1, Relaxed);
                 backend.state.health.observe_data_path_success();
+                listener.record(peer.ip(), &backend);
                 let meters = Meters {
                     upstream: [&stats.rx_bytes, &bstats.tx_bytes],
                     downstream: [&bstats.rx_bytes, &stats.tx_bytes],
