@@ -48,6 +48,15 @@ pub enum Protocol {
     Udp,
 }
 
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
 /// Scheduling algorithm of a listener; see `docs/scheduling.md`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -180,7 +189,8 @@ fn yaml_error(e: serde_path_to_error::Error<serde_yaml::Error>) -> anyhow::Error
         .location()
         .map(|l| format!(" (line {}, column {})", l.line(), l.column()))
         .unwrap_or_default();
-    if path == "." || path.is_empty() {
+    // Syntax errors carry no meaningful path ("listeners[0].?").
+    if path == "." || path.is_empty() || path.contains('?') {
         anyhow::anyhow!("{msg}{at}")
     } else {
         anyhow::anyhow!("{path}: {msg}{at}")
@@ -397,11 +407,11 @@ fn validate(raw: RawConfig) -> Result<Config> {
         if let Some(other) = listeners.iter().find(|o| same_socket(o, &spec)) {
             let other: &ListenerSpec = other;
             bail!(
-                "{at}.listen: {} conflicts with listener {:?} on {} ({:?})",
+                "{at}.listen: {} conflicts with listener {:?} on {} (both {})",
                 spec.listen,
                 other.name,
                 other.listen,
-                spec.protocol
+                spec.protocol.as_str()
             );
         }
         listeners.push(spec);

@@ -18,6 +18,7 @@ pub mod listener;
 pub mod proxy;
 pub mod scheduler;
 pub mod stats;
+pub mod sys;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -51,6 +51,8 @@ impl Lb {
 
 /// Start slb from a YAML configuration.
 pub async fn start_lb(yaml: &str) -> Lb {
+    // Tests open thousands of sockets; a 1024 soft limit is common.
+    slb::sys::raise_fd_limit();
     let config = slb::config::parse(yaml).unwrap_or_else(|e| panic!("config: {e:#}\n{yaml}"));
     let server = Server::bind(&config).await.expect("bind");
     let state = server.state();

@@ -1,0 +1,133 @@
+//! Every shipped and fixture config: the valid ones parse, the invalid ones
+//! fail with the error their first line (`# error: ...`) promises. And the
+//! `slb check` / `--version` command line on them.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn yaml_files(dir: &str) -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no yaml files in {}", dir.display());
+    files
+}
+
+#[test]
+fn every_shipped_config_parses() {
+    for f in yaml_files("conf") {
+        slb::config::load(&f).unwrap_or_else(|e| panic!("{}: {e:#}", f.display()));
+    }
+}
+
+#[test]
+fn default_config_is_the_8999_to_9999_scenario() {
+    let c = slb::config::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/slb.yaml")).unwrap();
+    let l = &c.listeners[0];
+    assert_eq!(l.listen.port(), 8999);
+    assert_eq!(l.backends[0].address.port(), 9999);
+    assert_eq!(l.health_check.as_ref().unwrap().port, Some(9999));
+    assert!(l.session_persistence.is_none());
+}
+
+#[test]
+fn valid_fixtures_parse() {
+    for f in yaml_files("tests/fixtures/valid") {
+        slb::config::load(&f).unwrap_or_else(|e| panic!("{}: {e:#}", f.display()));
+    }
+}
+
+#[test]
+fn invalid_fixtures_fail_with_the_promised_error() {
+    for f in yaml_files("tests/fixtures/invalid") {
+        let text = std::fs::read_to_string(&f).unwrap();
+        let want = text
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("# error: "))
+            .unwrap_or_else(|| panic!("{}: first line must be `# error: ...`", f.display()));
+        let err = match slb::config::load(&f) {
+            Ok(_) => panic!("{} parsed but should not", f.display()),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(
+            err.contains(want),
+            "{}:\n  want: {want}\n  got:  {err}",
+            f.display()
+        );
+        assert!(
+            err.contains(&*f.to_string_lossy()),
+            "error does not name the file: {err}"
+        );
+    }
+}
+
+fn slb(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_slb"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run slb")
+}
+
+#[test]
+fn check_prints_a_summary_and_exits_zero() {
+    let out = slb(&["check", "-c", "conf/slb.yaml"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("listener \"ai-service\": tcp 0.0.0.0:8999 -> group \"ai-pool\""),
+        "{stdout}"
+    );
+    assert!(stdout.contains("backend 127.0.0.1:9999 weight 10"), "{stdout}");
+    assert!(stdout.contains("is valid"), "{stdout}");
+}
+
+#[test]
+fn check_defaults_to_conf_slb_yaml() {
+    assert!(slb(&["check"]).status.success());
+}
+
+#[test]
+fn check_reports_the_error_and_exits_one() {
+    let out = slb(&["check", "-c", "tests/fixtures/invalid/weight-out-of-range.yaml"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("weight-out-of-range.yaml") && stderr.contains("weight: 101"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn run_with_a_bad_config_exits_nonzero_before_binding() {
+    let out = slb(&["run", "-c", "tests/fixtures/invalid/missing-group.yaml"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no backend group named \"nope\""));
+}
+
+#[test]
+fn missing_file_is_a_clear_error() {
+    let out = slb(&["check", "-c", "no/such/file.yaml"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read config file no/such/file.yaml"));
+}
+
+#[test]
+fn version_and_help() {
+    let out = slb(&["--version"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+    for sub in ["run", "check"] {
+        let out = slb(&[sub, "--help"]);
+        assert!(out.status.success());
+        assert!(String::from_utf8_lossy(&out.stdout).contains("--config"));
+    }
+}
