@@ -134,7 +134,7 @@ impl Server {
             let l = running.listener.clone();
             let spec = l.snapshot().spec.clone();
             info!(
-                listener = %l.name(), protocol = ?spec.protocol, listen = %running.local_addr,
+                listener = %l.name(), protocol = spec.protocol.as_str(), listen = %running.local_addr,
                 scheduler = spec.scheduler.as_str(), backends = spec.backends.len(), "listener up"
             );
             if spec.backends.is_empty() {
