@@ -190,7 +190,13 @@ impl HealthState {
             let Some(m) = machine.as_mut() else {
                 return false;
             };
-            let streak = m.streak() + 1;
+            // The length of the streak this result ends or extends (the
+            // first success of a pending backend is enough on its own).
+            let streak = if ok && m.status() == Status::Pending {
+                1
+            } else {
+                m.streak() + 1
+            };
             let to = m.observe(ok);
             self.failing.store(failing(m), Relaxed);
             if let Some(to) = to {
@@ -248,6 +254,11 @@ pub fn spawn_checks(listener: &Arc<Listener>, shutdown: &CancellationToken) -> V
     let Some(check) = check else {
         return Vec::new();
     };
+    info!(
+        listener = %listener.name(), kind = ?check.kind, port = ?check.port, interval = ?check.interval,
+        timeout = ?check.timeout, rise = check.healthy_threshold, fall = check.unhealthy_threshold,
+        "health checks on: backends are eligible after their first successful probe"
+    );
     let check = Arc::new(check.clone());
     snap.backends
         .iter()
