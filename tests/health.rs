@@ -18,8 +18,9 @@ use slb::stats::DropReason;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// A fast check: 100ms interval, 50ms timeout, rise 2, fall 2.
-const FAST: &str = "interval: 100ms\ntimeout: 50ms\nhealthy_threshold: 2\nunhealthy_threshold: 2\n";
+/// A fast check: 150ms interval, 100ms timeout (generous on a loaded
+/// machine: a spurious timeout must not flip a test), rise 2, fall 2.
+const FAST: &str = "interval: 150ms\ntimeout: 100ms\nhealthy_threshold: 2\nunhealthy_threshold: 2\n";
 
 /// [`tcp_config`] with `health` (YAML lines) as the listener's health check.
 fn config(backends: &[(SocketAddr, u32)], health: &str, extra: &str) -> String {
@@ -228,7 +229,12 @@ async fn flapping_check_never_flips_the_state() {
         }
     })
     .await;
-    let health = format!("{FAST}type: http\nport: {}\n", flappy.addr.port());
+    // A long timeout: a probe that timed out on a loaded machine would break
+    // the alternation.
+    let health = format!(
+        "interval: 200ms\ntimeout: 180ms\nhealthy_threshold: 2\nunhealthy_threshold: 2\ntype: http\nport: {}\n",
+        flappy.addr.port()
+    );
     let service = echo().await;
     let lb = start_lb(&config(&[(service.addr, 10)], &health, "")).await;
     let b = backend(&lb, 0);

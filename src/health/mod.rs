@@ -211,10 +211,10 @@ impl HealthState {
         let (listener, backend) = (&*self.listener, self.backend);
         match to {
             Status::Down => warn!(
-                listener, %backend, reason = cause.as_str(), failures = streak_before,
+                %listener, %backend, reason = cause.as_str(), failures = streak_before,
                 "backend down: no new connections"
             ),
-            _ => info!(listener, %backend, successes = streak_before, "backend up"),
+            _ => info!(%listener, %backend, successes = streak_before, "backend up"),
         }
         true
     }
@@ -255,7 +255,8 @@ pub fn spawn_checks(listener: &Arc<Listener>, shutdown: &CancellationToken) -> V
         return Vec::new();
     };
     info!(
-        listener = %listener.name(), kind = ?check.kind, port = ?check.port, interval = ?check.interval,
+        listener = %listener.name(), kind = ?check.kind,
+        port = %check.port.map_or_else(|| "backend's own".to_string(), |p| p.to_string()), interval = ?check.interval,
         timeout = ?check.timeout, rise = check.healthy_threshold, fall = check.unhealthy_threshold,
         "health checks on: backends are eligible after their first successful probe"
     );
