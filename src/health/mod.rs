@@ -153,7 +153,7 @@ impl HealthState {
             }
         }
         let after = machine.as_ref().map_or(Status::Up, RiseFall::status);
-        self.failing.store(false, Relaxed);
+        self.failing.store(machine.as_ref().is_some_and(failing), Relaxed);
         self.status.store(status_to_u8(after), Relaxed);
         before != after
     }
