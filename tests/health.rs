@@ -386,6 +386,32 @@ async fn disabled_checks_keep_every_backend_eligible() {
     lb.stop().await;
 }
 
+#[tokio::test]
+async fn two_listeners_sharing_a_group_keep_separate_health() {
+    let service = id_server("a").await;
+    let check = check_port().await;
+    let listener = |name: &str, port: u16| {
+        format!(
+            "  - name: {name}\n    protocol: tcp\n    listen: 127.0.0.1:0\n    backend_group: g\n    health_check:\n      interval: 150ms\n      timeout: 100ms\n      unhealthy_threshold: 1\n      port: {port}\n"
+        )
+    };
+    let yaml = format!(
+        "admin:\n  listen: 127.0.0.1:0\nlisteners:\n{}{}backend_groups:\n  - name: g\n    backends:\n      - address: \"{}\"\n",
+        listener("good", check.addr.port()),
+        listener("bad", refused_addr().port()),
+        service.addr
+    );
+    let lb = start_lb(&yaml).await;
+    let good = lb.listener("good").snapshot().backends[0].clone();
+    let bad = lb.listener("bad").snapshot().backends[0].clone();
+    eventually("checked on both listeners", || {
+        good.state.health.is_up() && bad.state.health.status() == Status::Down
+    })
+    .await;
+    assert!(!Arc::ptr_eq(&good.state, &bad.state));
+    lb.stop().await;
+}
+
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").expect("/proc/self/fd").count()
 }
