@@ -13,6 +13,7 @@ use dashmap::DashMap;
 
 use crate::backend::{Backend, BackendState};
 use crate::config::{AllUnhealthy, ListenerSpec};
+use crate::health::{HealthState, Status};
 use crate::scheduler::Scheduler;
 use crate::stats::ListenerStats;
 
@@ -25,7 +26,8 @@ pub struct Listener {
     /// Per-backend state by address, so it survives a rebuild or reload.
     states: DashMap<SocketAddr, Arc<BackendState>>,
     /// Serialises rebuilds (health flips); never taken on the data path.
-    rebuild_lock: Mutex<()>,
+    /// Holds whether "every backend is unhealthy" has been logged.
+    rebuild_lock: Mutex<bool>,
 }
 
 /// An immutable view of a listener: what the data path schedules against.
@@ -50,7 +52,7 @@ impl Listener {
             stats: ListenerStats::default(),
             snapshot: ArcSwap::from_pointee(snapshot),
             states,
-            rebuild_lock: Mutex::new(()),
+            rebuild_lock: Mutex::new(false),
         })
     }
 
@@ -66,15 +68,24 @@ impl Listener {
     /// Recompute the eligible set from the backends' current health and swap
     /// in a new snapshot. Called when a backend's health flips.
     pub fn rebuild(&self) {
-        let _guard = self.rebuild_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut warned = self.rebuild_lock.lock().unwrap_or_else(|e| e.into_inner());
         let spec = self.snapshot.load().spec.clone();
-        let was_fail_open = self.snapshot.load().fail_open;
         let snap = build_snapshot(spec, &self.states);
-        if snap.fail_open && !was_fail_open {
-            tracing::warn!(listener = %self.name, "every backend is unhealthy: failing open, scheduling across all of them");
-        } else if was_fail_open && !snap.fail_open {
-            tracing::info!(listener = %self.name, "a backend is healthy again: no longer failing open");
+        // "All unhealthy" once a backend is confirmed down and none is up;
+        // backends still pending their first probe at start do not count.
+        let live = snap.backends.iter().filter(|b| b.weight > 0);
+        let all_unhealthy = !live.clone().any(|b| b.is_eligible())
+            && live.clone().any(|b| b.state.health.status() == Status::Down);
+        if all_unhealthy && !*warned {
+            if snap.fail_open {
+                tracing::warn!(listener = %self.name, "every backend is unhealthy: failing open, scheduling across all of them");
+            } else {
+                tracing::warn!(listener = %self.name, "every backend is unhealthy: rejecting new connections (on_all_unhealthy: reject)");
+            }
+        } else if !all_unhealthy && *warned {
+            tracing::info!(listener = %self.name, "a backend is healthy again: scheduling across healthy backends only");
         }
+        *warned = all_unhealthy;
         self.snapshot.store(Arc::new(snap));
     }
 
@@ -125,7 +136,16 @@ fn build_snapshot(spec: Arc<ListenerSpec>, states: &DashMap<SocketAddr, Arc<Back
         .backends
         .iter()
         .map(|b| {
-            let state = states.entry(b.address).or_default().clone();
+            let state = states
+                .entry(b.address)
+                .or_insert_with(|| {
+                    let health = HealthState::new(&spec.name, b.address, spec.health_check.as_ref());
+                    Arc::new(BackendState {
+                        health,
+                        stats: Default::default(),
+                    })
+                })
+                .clone();
             Arc::new(Backend::new(b.address, b.weight, state))
         })
         .collect();
