@@ -166,31 +166,13 @@ async fn wait_for_signals(shutdown: CancellationToken) {
     std::process::exit(1);
 }
 
-/// Raise the soft open-file limit to the hard limit: each proxied TCP
-/// connection takes two descriptors.
+/// Raise the soft open-file limit to the hard limit and log the ceiling
+/// (two descriptors per proxied TCP connection).
 fn raise_fd_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read/write the struct we pass.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return;
-        }
-        if lim.rlim_cur < lim.rlim_max {
-            let want = libc::rlimit {
-                rlim_cur: lim.rlim_max,
-                rlim_max: lim.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
-                lim = want;
-            }
-        }
-    }
+    let open_files = slb::sys::raise_fd_limit();
     info!(
-        open_files = lim.rlim_cur,
-        max_tcp_connections = lim.rlim_cur.saturating_sub(64) / 2,
+        open_files,
+        max_tcp_connections = open_files.saturating_sub(64) / 2,
         "file descriptor limit"
     );
 }
