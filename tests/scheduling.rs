@@ -169,11 +169,17 @@ async fn ip_hash_is_stable_per_client_and_moves_a_fifth_when_one_of_five_leaves(
         moved.len()
     );
     assert!(moved.len() >= on_c, "every client of c moved");
+    // Maglev shuffles ~0.1% among the remaining backends (unit-tested).
     assert!(
         moved_off_others <= 4,
-        "{moved_off_others} of 200 moved off a remaining backend"
+        "{moved_off_others} moved off a remaining backend"
     );
-    assert!(moved.len() < 200 / 4, "moved {} of 200", moved.len());
+    // About a fifth; the ports (so the table) differ per run, hence slack.
+    assert!(
+        moved.len() * 10 < clients * 3,
+        "moved {} of {clients}",
+        moved.len()
+    );
     for lb in [lb1, lb2, lb3] {
         lb.stop().await;
     }
