@@ -73,6 +73,15 @@ fn sessions(c: &mut Criterion) {
     (0..ENTRIES).for_each(|i| table.record(client(i), be));
     let mut group = c.benchmark_group("sessions");
     let mut i = 0u32;
+    // The clock read inside lookup and record; with the `test-util` feature
+    // that dev-dependencies turn on, tokio's clock takes a lock to check for
+    // paused time, which release builds of slb do not do.
+    group.bench_function("tokio_instant_now", |bench| {
+        bench.iter(|| black_box(tokio::time::Instant::now()))
+    });
+    group.bench_function("std_instant_now", |bench| {
+        bench.iter(|| black_box(std::time::Instant::now()))
+    });
     group.bench_function("lookup_hit_100k", |bench| {
         bench.iter(|| {
             i = (i + 1) % ENTRIES;

@@ -31,7 +31,6 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 const SWEEP_AT_CAP: Duration = Duration::from_secs(1);
 
 /// Where each client went last, and when.
-#[derive(Debug)]
 pub struct SessionTable {
     shards: Box<[Mutex<Shard>]>,
     timeout: Duration,
@@ -43,13 +42,23 @@ pub struct SessionTable {
     refused: AtomicU64,
 }
 
-#[derive(Debug)]
+/// Sizes only: the entries are client addresses, and there may be millions.
+impl std::fmt::Debug for SessionTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionTable")
+            .field("len", &self.len())
+            .field("max_entries", &self.max_entries)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
 struct Shard {
     entries: HashMap<IpAddr, Entry>,
     swept: Instant,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 struct Entry {
     backend: SocketAddr,
     last_seen: Instant,

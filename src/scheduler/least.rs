@@ -17,9 +17,10 @@ fn active(b: &Backend) -> u64 {
 /// idle backends are not all tied at 0: the heavier one is preferred, and
 /// the steady state stays proportional to the weights.
 pub(super) fn lighter_weighted(a: &Backend, b: &Backend) -> bool {
-    let la = u128::from(active(a)) + 1;
-    let lb = u128::from(active(b)) + 1;
-    la * u128::from(b.weight) < lb * u128::from(a.weight)
+    // Weights are at most 100, so this saturates only past 10^17 connections.
+    let la = (active(a) + 1).saturating_mul(u64::from(b.weight));
+    let lb = (active(b) + 1).saturating_mul(u64::from(a.weight));
+    la < lb
 }
 
 fn lighter_unweighted(a: &Backend, b: &Backend) -> bool {
