@@ -73,9 +73,8 @@ fn sessions(c: &mut Criterion) {
     (0..ENTRIES).for_each(|i| table.record(client(i), be));
     let mut group = c.benchmark_group("sessions");
     let mut i = 0u32;
-    // The clock read inside lookup and record; with the `test-util` feature
-    // that dev-dependencies turn on, tokio's clock takes a lock to check for
-    // paused time, which release builds of slb do not do.
+    // The clock read inside lookup and record, for scale (tokio's clock under
+    // the dev-only `test-util` feature against std's).
     group.bench_function("tokio_instant_now", |bench| {
         bench.iter(|| black_box(tokio::time::Instant::now()))
     });
