@@ -58,6 +58,19 @@ fn pick(c: &mut Criterion) {
     group.finish();
 }
 
+/// Building a scheduler happens on every health flip; Maglev's table is the
+/// only costly one.
+fn build(c: &mut Criterion) {
+    let mut group = c.benchmark_group("build");
+    for n in [2, 16, 256] {
+        let b = backends(n);
+        group.bench_with_input(BenchmarkId::new("ip_hash", n), &n, |bench, _| {
+            bench.iter(|| black_box(Scheduler::new(SchedulerKind::IpHash, &b)))
+        });
+    }
+    group.finish();
+}
+
 fn sessions(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
@@ -102,5 +115,5 @@ fn sessions(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, pick, sessions);
+criterion_group!(benches, pick, build, sessions);
 criterion_main!(benches);
