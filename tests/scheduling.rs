@@ -66,7 +66,7 @@ async fn short_connections_avoid_the_busy_backend(scheduler: &str) {
     let fakes = id_servers(4).await;
     let lb = start_lb(&tcp_config(scheduler, &equal_weights(&fakes), "")).await;
     let l = lb.listener("l");
-    let (_long, busy) = open(lb.addr("l")).await;
+    let (long, busy) = open(lb.addr("l")).await;
     let mut got: HashMap<String, usize> = HashMap::new();
     for _ in 0..30 {
         let (s, id) = open(lb.addr("l")).await;
@@ -79,6 +79,8 @@ async fn short_connections_avoid_the_busy_backend(scheduler: &str) {
         "{scheduler}: {busy} is busy, got {got:?}"
     );
     assert_eq!(got.len(), 3, "{scheduler}: idle backends all used: {got:?}");
+    // Close before stopping, or shutdown waits out the drain timeout.
+    drop(long);
     lb.stop().await;
 }
 
@@ -109,6 +111,7 @@ async fn wlc_holds_connections_in_proportion_to_weight() {
     }
     let on_a = held.iter().filter(|(_, id)| id == "a").count();
     assert_eq!(on_a, 2, "weights 1:4 over 10 connections");
+    drop(held);
     lb.stop().await;
 }
 
