@@ -15,6 +15,7 @@ pub mod backend;
 pub mod config;
 pub mod health;
 pub mod listener;
+pub mod persistence;
 pub mod proxy;
 pub mod scheduler;
 pub mod stats;

@@ -14,6 +14,7 @@ use dashmap::DashMap;
 use crate::backend::{Backend, BackendState};
 use crate::config::{AllUnhealthy, ListenerSpec};
 use crate::health::{HealthState, Status};
+use crate::persistence::SessionTable;
 use crate::scheduler::Scheduler;
 use crate::stats::ListenerStats;
 
@@ -28,6 +29,8 @@ pub struct Listener {
     /// Serialises rebuilds (health flips); never taken on the data path.
     /// Holds whether "every backend is unhealthy" has been logged.
     rebuild_lock: Mutex<bool>,
+    /// Session persistence, when enabled; outlives snapshot rebuilds.
+    sessions: Option<SessionTable>,
 }
 
 /// An immutable view of a listener: what the data path schedules against.
@@ -46,6 +49,7 @@ pub struct Snapshot {
 impl Listener {
     pub fn new(spec: ListenerSpec) -> Arc<Listener> {
         let states = DashMap::new();
+        let sessions = spec.session_persistence.as_ref().map(SessionTable::new);
         let snapshot = build_snapshot(Arc::new(spec), &states);
         Arc::new(Listener {
             name: snapshot.spec.name.as_str().into(),
@@ -53,6 +57,7 @@ impl Listener {
             snapshot: ArcSwap::from_pointee(snapshot),
             states,
             rebuild_lock: Mutex::new(false),
+            sessions,
         })
     }
 
@@ -90,18 +95,38 @@ impl Listener {
     }
 
     /// Backends to try for a new connection from `client`, best first; each
-    /// backend appears at most once.
+    /// backend appears at most once. With session persistence, a client's
+    /// remembered backend comes first if it is still eligible; otherwise the
+    /// scheduler picks afresh (and [`Listener::record`] re-points the entry).
     pub fn candidates(&self, client: IpAddr) -> Candidates {
         let snap = self.snapshot();
-        let first = snap.scheduler.pick(&snap.eligible, client);
+        let first = self
+            .remembered(&snap, client)
+            .or_else(|| snap.scheduler.pick(&snap.eligible, client));
         Candidates { snap, first, step: 0 }
     }
-}
 
-impl Listener {
-    /// Remember that `client` was sent to `backend` (session persistence).
-    /// Placeholder until session persistence lands: remembers nothing.
-    pub fn record(&self, _client: IpAddr, _backend: &Backend) {}
+    /// The index in `snap.eligible` of `client`'s fresh, still eligible
+    /// session backend.
+    fn remembered(&self, snap: &Snapshot, client: IpAddr) -> Option<usize> {
+        let addr = self.sessions.as_ref()?.lookup(client)?;
+        snap.eligible
+            .iter()
+            .position(|b| b.addr == addr && (snap.fail_open || b.is_eligible()))
+    }
+
+    /// Remember that `client` reached `backend` (session persistence): call
+    /// once a connection (or new UDP flow) is established.
+    pub fn record(&self, client: IpAddr, backend: &Backend) {
+        if let Some(sessions) = &self.sessions {
+            sessions.record(client, backend.addr);
+        }
+    }
+
+    /// The session table, when session persistence is enabled.
+    pub fn sessions(&self) -> Option<&SessionTable> {
+        self.sessions.as_ref()
+    }
 }
 
 /// Candidates in order of preference: the scheduler's pick, then the other
