@@ -109,3 +109,61 @@ async fn id_server_on(addr: SocketAddr, id: &'static str) -> Fake {
     })
     .await
 }
+
+/// Two id servers on 127.0.0.2:P and 127.0.0.3:P, with health-check
+/// listeners on the same IPs at a shared port Q (the check port is one
+/// number for the whole listener).
+async fn pair_with_check_ports() -> ([Fake; 2], [Fake; 2], u16) {
+    let ip = |h: u8| std::net::IpAddr::from(Ipv4Addr::new(127, 0, 0, h));
+    let a = fake_on((ip(2), 0).into(), |mut s| async move {
+        let _ = tokio::io::AsyncWriteExt::write_all(&mut s, b"a\n").await;
+    })
+    .await;
+    let b = fake_on((ip(3), a.addr.port()).into(), |mut s| async move {
+        let _ = tokio::io::AsyncWriteExt::write_all(&mut s, b"b\n").await;
+    })
+    .await;
+    let check_a = fake_on((ip(2), 0).into(), |_| async {}).await;
+    let q = check_a.addr.port();
+    let check_b = fake_on((ip(3), q).into(), |_| async {}).await;
+    ([a, b], [check_a, check_b], q)
+}
+
+#[tokio::test]
+async fn entry_repoints_when_its_backend_goes_unhealthy_while_still_serving() {
+    let ([a, b], [check_a, check_b], q) = pair_with_check_ports().await;
+    let yaml = tcp_config("rr", &[(a.addr, 10), (b.addr, 10)], STICKY).replace(
+        "    health_check:\n      enabled: false\n",
+        &format!(
+            "    health_check:\n      port: {q}\n      interval: 100ms\n      timeout: 50ms\n      healthy_threshold: 1\n      unhealthy_threshold: 1\n"
+        ),
+    );
+    let lb = start_lb(&yaml).await;
+    let l = lb.listener("l");
+    let up = |i: usize| l.snapshot().backends[i].state.health.is_up();
+    eventually("both backends up", || up(0) && up(1)).await;
+    // Find a client pinned to a, then take a's check port away (its service port still answers).
+    let client = 'found: {
+        for host in 10..40 {
+            if id_from(host, lb.addr("l")).await == "a" {
+                break 'found host;
+            }
+        }
+        panic!("no client landed on a");
+    };
+    check_a.task.abort();
+    eventually("a marked down", || !up(0)).await;
+    assert_eq!(
+        id_from(client, lb.addr("l")).await,
+        "b",
+        "not re-pointed away from the unhealthy backend"
+    );
+    // a comes back: the client stays where its entry now points.
+    let _check_a = fake_on(check_a.addr, |_| async {}).await;
+    eventually("a back up", || up(0)).await;
+    for _ in 0..5 {
+        assert_eq!(id_from(client, lb.addr("l")).await, "b");
+    }
+    drop((check_b, a, b));
+    lb.stop().await;
+}
