@@ -15,9 +15,11 @@ pub mod backend;
 pub mod config;
 pub mod health;
 pub mod listener;
+pub mod metrics;
 pub mod proxy;
 pub mod scheduler;
 pub mod stats;
+pub mod status;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
