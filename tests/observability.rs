@@ -24,7 +24,12 @@ async fn request(admin: SocketAddr, raw: &str) -> (u16, String) {
     let mut out = String::new();
     timeout(s.read_to_string(&mut out)).await.expect("read");
     let (head, body) = out.split_once("\r\n\r\n").expect("http head");
-    let code = head.split(' ').nth(1).expect("status code").parse().expect("numeric status");
+    let code = head
+        .split(' ')
+        .nth(1)
+        .expect("status code")
+        .parse()
+        .expect("numeric status");
     (code, body.to_owned())
 }
 
@@ -40,15 +45,18 @@ async fn status(lb: &Lb) -> Value {
 
 /// One sample: metric name and its labels.
 type Series = (String, BTreeMap<String, String>);
+/// Every sample's value, and every metric's TYPE.
+type Parsed = (HashMap<Series, f64>, HashMap<String, String>);
 
 /// A strict parser of the Prometheus text format (the subset slb emits:
 /// counters and gauges). Every sample needs a TYPE and HELP line first;
 /// a series may appear once.
-fn parse_prometheus(text: &str) -> Result<(HashMap<Series, f64>, HashMap<String, String>), String> {
+fn parse_prometheus(text: &str) -> Result<Parsed, String> {
     let (mut samples, mut types, mut helps) = (HashMap::new(), HashMap::new(), HashMap::new());
     let valid_name = |n: &str| {
         !n.is_empty()
-            && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+            && n.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
             && !n.starts_with(|c: char| c.is_ascii_digit())
     };
     for line in text.lines() {
@@ -123,18 +131,27 @@ fn parse_sample(line: &str) -> Result<(Series, f64), String> {
         rest = &r[end + 1..];
         rest = rest.strip_prefix(',').unwrap_or(rest);
     }
-    let v: f64 = rest.strip_prefix(' ').ok_or_else(bad)?.parse().map_err(|_| bad())?;
+    let v: f64 = rest
+        .strip_prefix(' ')
+        .ok_or_else(bad)?
+        .parse()
+        .map_err(|_| bad())?;
     Ok(((name.to_owned(), labels), v))
 }
 
 async fn metrics(lb: &Lb) -> HashMap<Series, f64> {
     let (code, body) = get(admin(lb), "/metrics").await;
     assert_eq!(code, 200);
-    parse_prometheus(&body).unwrap_or_else(|e| panic!("{e}\n{body}")).0
+    parse_prometheus(&body)
+        .unwrap_or_else(|e| panic!("{e}\n{body}"))
+        .0
 }
 
 fn value(m: &HashMap<Series, f64>, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let labels: BTreeMap<String, String> = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let labels: BTreeMap<String, String> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     *m.get(&(name.to_owned(), labels.clone()))
         .unwrap_or_else(|| panic!("no series {name} {labels:?}"))
 }
@@ -207,11 +224,17 @@ async fn counters_are_exact_and_metrics_agree_with_status() {
         for result in ["ok", "refused", "timeout", "bad_status"] {
             let mut labels = bl.to_vec();
             labels.push(("result", result));
-            assert_eq!(js["checks"][result].as_f64().unwrap(), value(&m, "slb_health_checks_total", &labels));
+            assert_eq!(
+                js["checks"][result].as_f64().unwrap(),
+                value(&m, "slb_health_checks_total", &labels)
+            );
         }
         backend_total += value(&m, "slb_backend_rx_bytes_total", &bl);
     }
-    assert_eq!(backend_total, bytes as f64, "bytes from the backends = bytes to the client");
+    assert_eq!(
+        backend_total, bytes as f64,
+        "bytes from the backends = bytes to the client"
+    );
     for reason in ["no_backend", "connect_failed", "limit"] {
         let labels = [("listener", "l"), ("reason", reason)];
         assert_eq!(value(&m, "slb_listener_dropped_total", &labels), 0.0);
@@ -234,7 +257,11 @@ async fn metrics_are_valid_prometheus_text_with_every_catalog_entry() {
             Kind::Gauge => "gauge",
         };
         assert_eq!(types.get(m.name).map(String::as_str), Some(want), "{}", m.name);
-        assert!(body.contains(&format!("# HELP {} {}", m.name, m.help)), "{}", m.name);
+        assert!(
+            body.contains(&format!("# HELP {} {}", m.name, m.help)),
+            "{}",
+            m.name
+        );
     }
     // A TCP listener has no datagram series.
     assert!(!body.contains("datagrams_total{"), "{body}");
@@ -258,21 +285,39 @@ async fn bytes_and_gauges_move_while_a_connection_is_open_and_gauges_return_to_z
         if value(&m, "slb_listener_tx_bytes_total", &[("listener", "l")]) == 1500.0 {
             break m;
         }
-        assert!(tokio::time::Instant::now() < end, "tx bytes never reached 1500 while open");
+        assert!(
+            tokio::time::Instant::now() < end,
+            "tx bytes never reached 1500 while open"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     };
-    assert_eq!(value(&m, "slb_listener_connections_active", &[("listener", "l")]), 1.0);
-    assert_eq!(value(&m, "slb_listener_rx_bytes_total", &[("listener", "l")]), 1500.0);
-    assert_eq!(value(&m, "slb_listener_tx_bytes_total", &[("listener", "l")]), 1500.0);
+    assert_eq!(
+        value(&m, "slb_listener_connections_active", &[("listener", "l")]),
+        1.0
+    );
+    assert_eq!(
+        value(&m, "slb_listener_rx_bytes_total", &[("listener", "l")]),
+        1500.0
+    );
+    assert_eq!(
+        value(&m, "slb_listener_tx_bytes_total", &[("listener", "l")]),
+        1500.0
+    );
     assert_eq!(value(&m, "slb_backend_connections_active", &bl), 1.0);
     assert_eq!(status(&lb).await["listeners"][0]["backends"][0]["active"], 1);
     drop(s);
     wait_idle(&lb).await;
     let l = lb.listener("l");
     let bstats = &l.snapshot().backends[0].state.stats;
-    eventually("backend idle", || bstats.active.load(std::sync::atomic::Ordering::Relaxed) == 0).await;
+    eventually("backend idle", || {
+        bstats.active.load(std::sync::atomic::Ordering::Relaxed) == 0
+    })
+    .await;
     let m = metrics(&lb).await;
-    assert_eq!(value(&m, "slb_listener_connections_active", &[("listener", "l")]), 0.0);
+    assert_eq!(
+        value(&m, "slb_listener_connections_active", &[("listener", "l")]),
+        0.0
+    );
     assert_eq!(value(&m, "slb_backend_connections_active", &bl), 0.0);
     lb.stop().await;
 }
@@ -289,7 +334,10 @@ async fn failed_connects_and_drops_are_counted_by_reason() {
         }
     }
     let l = lb.listener("l");
-    eventually("drops counted", || l.stats.dropped(slb::stats::DropReason::ConnectFailed) == 3).await;
+    eventually("drops counted", || {
+        l.stats.dropped(slb::stats::DropReason::ConnectFailed) == 3
+    })
+    .await;
     let m = metrics(&lb).await;
     let d = dead.to_string();
     let reason = [("listener", "l"), ("reason", "connect_failed")];
@@ -356,10 +404,21 @@ async fn slb_status_prints_the_listener_and_its_backends() {
         .find(|l| l.starts_with("TCP "))
         .unwrap_or_else(|| panic!("no listener row:\n{table}"));
     let cols: Vec<&str> = listener_row.split_whitespace().collect();
-    assert_eq!(cols[..6], ["TCP", &lb.addr("l").to_string(), "l", "wrr", "0", "1"], "{table}");
-    let row_a = table.lines().find(|l| l.contains(&a.addr.to_string())).expect("backend a row");
+    assert_eq!(
+        cols[..6],
+        ["TCP", &lb.addr("l").to_string(), "l", "wrr", "0", "1"],
+        "{table}"
+    );
+    let row_a = table
+        .lines()
+        .find(|l| l.contains(&a.addr.to_string()))
+        .expect("backend a row");
     let cols: Vec<&str> = row_a.split_whitespace().collect();
-    assert_eq!(cols[..6], ["->", &a.addr.to_string(), "7", "unchecked", "0", "1"], "{table}");
+    assert_eq!(
+        cols[..6],
+        ["->", &a.addr.to_string(), "7", "unchecked", "0", "1"],
+        "{table}"
+    );
     assert!(table.contains(&format!("-> {}", b.addr)), "{table}");
 
     let out = slb_cli(&["status", "--json", "--admin", &admin(&lb).to_string()]).await;
@@ -370,7 +429,10 @@ async fn slb_status_prints_the_listener_and_its_backends() {
 
     let out = slb_cli(&["status", "--admin", &refused_addr().to_string()]).await;
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot query the admin server"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot query the admin server"),
+        "{out:?}"
+    );
 }
 
 async fn slb_cli(args: &[&str]) -> std::process::Output {
