@@ -442,3 +442,148 @@ async fn slb_cli(args: &[&str]) -> std::process::Output {
         .output();
     timeout(cmd).await.expect("run slb")
 }
+
+/// Run `slb run` with `yaml` and extra arguments; stderr is piped.
+fn spawn_slb(yaml: &str, args: &[&str], rust_log: &str) -> (tokio::process::Child, tempdir::Dir) {
+    let dir = tempdir::Dir::new();
+    let path = dir.0.join("slb.yaml");
+    std::fs::write(&path, yaml).expect("write config");
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_slb"))
+        .args(args)
+        .arg("run")
+        .arg("-c")
+        .arg(&path)
+        .env("RUST_LOG", rust_log)
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn slb");
+    (child, dir)
+}
+
+mod tempdir {
+    /// A temporary directory removed on drop.
+    pub struct Dir(pub std::path::PathBuf);
+    impl Dir {
+        pub fn new() -> Dir {
+            let n = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos();
+            let p = std::env::temp_dir().join(format!("slb-obs-{}-{n}", std::process::id()));
+            std::fs::create_dir_all(&p).expect("temp dir");
+            Dir(p)
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// A one-connection run of the real binary: returns its stderr.
+async fn one_connection_through_the_binary(
+    backend: SocketAddr,
+    args: &[&str],
+    rust_log: &str,
+) -> (String, SocketAddr) {
+    // Free ports picked by the OS; another process could take one first, a
+    // small race that loopback tests accept.
+    let (listen, admin_addr) = (refused_addr(), refused_addr());
+    let yaml = tcp_config("rr", &[(backend, 10)], "")
+        .replace(
+            "listen: 127.0.0.1:0\nlisteners",
+            &format!("listen: {admin_addr}\nlisteners"),
+        )
+        .replace("    listen: 127.0.0.1:0", &format!("    listen: {listen}"));
+    let (mut child, _dir) = spawn_slb(&yaml, args, rust_log);
+    let mut s = loop {
+        match TcpStream::connect(listen).await {
+            Ok(s) => break s,
+            Err(_) => {
+                assert!(child.try_wait().unwrap().is_none(), "slb exited");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+    };
+    timeout(s.write_all(b"hello")).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    timeout(s.read_to_end(&mut back)).await.unwrap();
+    assert_eq!(back, b"hello");
+    // The access line is written before the connection stops counting as active.
+    let end = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let (_, body) = get(admin_addr, "/status").await;
+        let st: Value = serde_json::from_str(&body).unwrap();
+        if st["listeners"][0]["active"] == 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < end, "connection never finished");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    child.start_kill().unwrap();
+    let out = timeout(child.wait_with_output()).await.unwrap();
+    (String::from_utf8_lossy(&out.stderr).into_owned(), listen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_is_one_json_line_per_connection_and_can_be_switched_off() {
+    let backend = echo().await;
+    let (stderr, _) =
+        one_connection_through_the_binary(backend.addr, &["--log-format", "json"], "info").await;
+    let lines: Vec<Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .filter(|v: &Value| v["target"] == "slb::access")
+        .collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    let f = &lines[0]["fields"];
+    assert_eq!(f["listener"], "l");
+    assert_eq!(f["backend"], backend.addr.to_string());
+    assert!(f["client"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert_eq!(
+        (f["rx_bytes"].as_u64(), f["tx_bytes"].as_u64()),
+        (Some(5), Some(5))
+    );
+    assert_eq!(f["end"], "client_close");
+    assert!(f["duration_ms"].is_u64());
+
+    let (stderr, _) = one_connection_through_the_binary(backend.addr, &[], "info,slb::access=off").await;
+    assert!(stderr.contains("listener up"), "{stderr}");
+    assert!(!stderr.contains("slb::access"), "{stderr}");
+    assert!(
+        !stderr.contains('\x1b'),
+        "no colours when stderr is not a terminal: {stderr}"
+    );
+}
+
+#[test]
+fn the_docs_name_every_metric_and_status_field() {
+    let docs = include_str!("../docs/observability.md");
+    for m in CATALOG {
+        assert!(
+            docs.contains(&format!("| `{}` |", m.name)),
+            "docs/observability.md misses {}",
+            m.name
+        );
+    }
+    // The example document parses as a Report and each of its fields is
+    // in the field table.
+    let start = docs.find("```json\n{\n  \"version\"").expect("a /status example") + 8;
+    let json = &docs[start..start + docs[start..].find("```").unwrap()];
+    let report: slb::status::Report = serde_json::from_str(json).expect("the /status example parses");
+    let value = serde_json::to_value(&report).unwrap();
+    let objects = [
+        &value,
+        &value["listeners"][0],
+        &value["listeners"][0]["backends"][0],
+    ];
+    for field in objects.iter().flat_map(|o| o.as_object().unwrap().keys()) {
+        assert!(
+            docs.contains(&format!("`{field}")) || docs.contains(&format!(".{field}")),
+            "docs/observability.md misses /status field {field}"
+        );
+    }
+}
