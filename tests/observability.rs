@@ -587,3 +587,49 @@ fn the_docs_name_every_metric_and_status_field() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slb_status_watch_refreshes_every_second() {
+    let backend = echo().await;
+    let lb = start_lb(&tcp_config("rr", &[(backend.addr, 10)], "")).await;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_slb"))
+        .args(["status", "--watch", "--admin", &admin(&lb).to_string()])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn slb status --watch");
+    let mut stdout = child.stdout.take().unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    // A first screen, then a later one showing a connection made after the
+    // first was printed.
+    timeout(async {
+        while !seen.contains("\x1b[2J") || !seen.contains("TCP ") {
+            let n = stdout.read(&mut buf).await.unwrap();
+            assert!(n > 0, "slb status --watch exited: {seen}");
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    })
+    .await;
+    echo_round(lb.addr("l"), 10).await;
+    let row = format!(
+        "{:<4} {:<22} {:<14} {:<8} {:>8} {:>10}",
+        "TCP",
+        lb.addr("l"),
+        "l",
+        "rr",
+        0,
+        1
+    );
+    timeout(async {
+        while !seen.rsplit("\x1b[2J").next().unwrap().contains(&row) {
+            let n = stdout.read(&mut buf).await.unwrap();
+            assert!(n > 0, "slb status --watch exited: {seen}");
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    })
+    .await;
+    child.start_kill().unwrap();
+    let _ = child.wait().await;
+    lb.stop().await;
+}
