@@ -2,12 +2,17 @@
 //! after known traffic, valid Prometheus text, gauges back to 0, the admin
 //! server under a full listener, and `slb status` through the real binary.
 
+#[path = "observability/cli.rs"]
+mod cli;
 mod common;
+#[path = "observability/prom.rs"]
+mod prom;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use common::*;
+use prom::{parse_prometheus, value, Series};
 use serde_json::Value;
 use slb::metrics::{Kind, CATALOG};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -43,117 +48,12 @@ async fn status(lb: &Lb) -> Value {
     serde_json::from_str(&body).expect("status is JSON")
 }
 
-/// One sample: metric name and its labels.
-type Series = (String, BTreeMap<String, String>);
-/// Every sample's value, and every metric's TYPE.
-type Parsed = (HashMap<Series, f64>, HashMap<String, String>);
-
-/// A strict parser of the Prometheus text format (the subset slb emits:
-/// counters and gauges). Every sample needs a TYPE and HELP line first;
-/// a series may appear once.
-fn parse_prometheus(text: &str) -> Result<Parsed, String> {
-    let (mut samples, mut types, mut helps) = (HashMap::new(), HashMap::new(), HashMap::new());
-    let valid_name = |n: &str| {
-        !n.is_empty()
-            && n.chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
-            && !n.starts_with(|c: char| c.is_ascii_digit())
-    };
-    for line in text.lines() {
-        if line.is_empty() {
-            continue;
-        }
-        if let Some(rest) = line.strip_prefix("# HELP ") {
-            let (name, help) = rest.split_once(' ').ok_or(format!("bad HELP: {line}"))?;
-            if !valid_name(name) || help.is_empty() || helps.insert(name.to_owned(), ()).is_some() {
-                return Err(format!("bad or repeated HELP: {line}"));
-            }
-        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
-            let (name, kind) = rest.split_once(' ').ok_or(format!("bad TYPE: {line}"))?;
-            if !valid_name(name) || !["counter", "gauge"].contains(&kind) {
-                return Err(format!("bad TYPE: {line}"));
-            }
-            if types.insert(name.to_owned(), kind.to_owned()).is_some() {
-                return Err(format!("repeated TYPE: {line}"));
-            }
-        } else if line.starts_with('#') {
-            continue;
-        } else {
-            let (series, value) = parse_sample(line)?;
-            if !valid_name(&series.0) {
-                return Err(format!("bad metric name: {line}"));
-            }
-            if !types.contains_key(&series.0) || !helps.contains_key(&series.0) {
-                return Err(format!("sample before its TYPE and HELP: {line}"));
-            }
-            if samples.insert(series, value).is_some() {
-                return Err(format!("repeated series: {line}"));
-            }
-        }
-    }
-    Ok((samples, types))
-}
-
-fn parse_sample(line: &str) -> Result<(Series, f64), String> {
-    let bad = || format!("bad sample: {line}");
-    let (name, rest) = match line.find('{') {
-        Some(i) => (&line[..i], &line[i + 1..]),
-        None => {
-            let (n, v) = line.split_once(' ').ok_or_else(bad)?;
-            let v: f64 = v.parse().map_err(|_| bad())?;
-            return Ok(((n.to_owned(), BTreeMap::new()), v));
-        }
-    };
-    let mut labels = BTreeMap::new();
-    let mut rest = rest;
-    loop {
-        if let Some(r) = rest.strip_prefix('}') {
-            rest = r;
-            break;
-        }
-        let (key, r) = rest.split_once("=\"").ok_or_else(bad)?;
-        let mut value = String::new();
-        let mut chars = r.char_indices();
-        let end = loop {
-            match chars.next().ok_or_else(bad)? {
-                (i, '"') => break i,
-                (_, '\\') => match chars.next().ok_or_else(bad)?.1 {
-                    'n' => value.push('\n'),
-                    c @ ('\\' | '"') => value.push(c),
-                    _ => return Err(bad()),
-                },
-                (_, c) => value.push(c),
-            }
-        };
-        if labels.insert(key.to_owned(), value).is_some() {
-            return Err(bad());
-        }
-        rest = &r[end + 1..];
-        rest = rest.strip_prefix(',').unwrap_or(rest);
-    }
-    let v: f64 = rest
-        .strip_prefix(' ')
-        .ok_or_else(bad)?
-        .parse()
-        .map_err(|_| bad())?;
-    Ok(((name.to_owned(), labels), v))
-}
-
 async fn metrics(lb: &Lb) -> HashMap<Series, f64> {
     let (code, body) = get(admin(lb), "/metrics").await;
     assert_eq!(code, 200);
     parse_prometheus(&body)
         .unwrap_or_else(|e| panic!("{e}\n{body}"))
         .0
-}
-
-fn value(m: &HashMap<Series, f64>, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let labels: BTreeMap<String, String> = labels
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    *m.get(&(name.to_owned(), labels.clone()))
-        .unwrap_or_else(|| panic!("no series {name} {labels:?}"))
 }
 
 /// Send `n` bytes through a fresh connection, read the echo, close.
@@ -390,175 +290,6 @@ async fn admin_answers_while_a_listener_is_at_max_connections() {
     lb.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn slb_status_prints_the_listener_and_its_backends() {
-    let (a, b) = (echo().await, echo().await);
-    let lb = start_lb(&tcp_config("wrr", &[(a.addr, 7), (b.addr, 0)], "")).await;
-    echo_round(lb.addr("l"), 100).await;
-    wait_idle(&lb).await;
-    let out = slb_cli(&["status", "--admin", &admin(&lb).to_string()]).await;
-    assert!(out.status.success(), "{out:?}");
-    let table = String::from_utf8(out.stdout).unwrap();
-    let listener_row = table
-        .lines()
-        .find(|l| l.starts_with("TCP "))
-        .unwrap_or_else(|| panic!("no listener row:\n{table}"));
-    let cols: Vec<&str> = listener_row.split_whitespace().collect();
-    assert_eq!(
-        cols[..6],
-        ["TCP", &lb.addr("l").to_string(), "l", "wrr", "0", "1"],
-        "{table}"
-    );
-    let row_a = table
-        .lines()
-        .find(|l| l.contains(&a.addr.to_string()))
-        .expect("backend a row");
-    let cols: Vec<&str> = row_a.split_whitespace().collect();
-    assert_eq!(
-        cols[..6],
-        ["->", &a.addr.to_string(), "7", "unchecked", "0", "1"],
-        "{table}"
-    );
-    assert!(table.contains(&format!("-> {}", b.addr)), "{table}");
-
-    let out = slb_cli(&["status", "--json", "--admin", &admin(&lb).to_string()]).await;
-    assert!(out.status.success(), "{out:?}");
-    let js: Value = serde_json::from_slice(&out.stdout).expect("--json prints JSON");
-    assert_eq!(js["listeners"][0]["backends"][1]["weight"], 0);
-    lb.stop().await;
-
-    let out = slb_cli(&["status", "--admin", &refused_addr().to_string()]).await;
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("cannot query the admin server"),
-        "{out:?}"
-    );
-}
-
-async fn slb_cli(args: &[&str]) -> std::process::Output {
-    let cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_slb"))
-        .args(args)
-        .kill_on_drop(true)
-        .output();
-    timeout(cmd).await.expect("run slb")
-}
-
-/// Run `slb run` with `yaml` and extra arguments; stderr is piped.
-fn spawn_slb(yaml: &str, args: &[&str], rust_log: &str) -> (tokio::process::Child, tempdir::Dir) {
-    let dir = tempdir::Dir::new();
-    let path = dir.0.join("slb.yaml");
-    std::fs::write(&path, yaml).expect("write config");
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_slb"))
-        .args(args)
-        .arg("run")
-        .arg("-c")
-        .arg(&path)
-        .env("RUST_LOG", rust_log)
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn slb");
-    (child, dir)
-}
-
-mod tempdir {
-    /// A temporary directory removed on drop.
-    pub struct Dir(pub std::path::PathBuf);
-    impl Dir {
-        pub fn new() -> Dir {
-            let n = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos();
-            let p = std::env::temp_dir().join(format!("slb-obs-{}-{n}", std::process::id()));
-            std::fs::create_dir_all(&p).expect("temp dir");
-            Dir(p)
-        }
-    }
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
-/// A one-connection run of the real binary: returns its stderr.
-async fn one_connection_through_the_binary(
-    backend: SocketAddr,
-    args: &[&str],
-    rust_log: &str,
-) -> (String, SocketAddr) {
-    // Free ports picked by the OS; another process could take one first, a
-    // small race that loopback tests accept.
-    let (listen, admin_addr) = (refused_addr(), refused_addr());
-    let yaml = tcp_config("rr", &[(backend, 10)], "")
-        .replace(
-            "listen: 127.0.0.1:0\nlisteners",
-            &format!("listen: {admin_addr}\nlisteners"),
-        )
-        .replace("    listen: 127.0.0.1:0", &format!("    listen: {listen}"));
-    let (mut child, _dir) = spawn_slb(&yaml, args, rust_log);
-    let mut s = loop {
-        match TcpStream::connect(listen).await {
-            Ok(s) => break s,
-            Err(_) => {
-                assert!(child.try_wait().unwrap().is_none(), "slb exited");
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
-        }
-    };
-    timeout(s.write_all(b"hello")).await.unwrap();
-    s.shutdown().await.unwrap();
-    let mut back = Vec::new();
-    timeout(s.read_to_end(&mut back)).await.unwrap();
-    assert_eq!(back, b"hello");
-    // The access line is written before the connection stops counting as active.
-    let end = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        let (_, body) = get(admin_addr, "/status").await;
-        let st: Value = serde_json::from_str(&body).unwrap();
-        if st["listeners"][0]["active"] == 0 {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < end, "connection never finished");
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    child.start_kill().unwrap();
-    let out = timeout(child.wait_with_output()).await.unwrap();
-    (String::from_utf8_lossy(&out.stderr).into_owned(), listen)
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn access_log_is_one_json_line_per_connection_and_can_be_switched_off() {
-    let backend = echo().await;
-    let (stderr, _) =
-        one_connection_through_the_binary(backend.addr, &["--log-format", "json"], "info").await;
-    let lines: Vec<Value> = stderr
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-        .filter(|v: &Value| v["target"] == "slb::access")
-        .collect();
-    assert_eq!(lines.len(), 1, "{stderr}");
-    let f = &lines[0]["fields"];
-    assert_eq!(f["listener"], "l");
-    assert_eq!(f["backend"], backend.addr.to_string());
-    assert!(f["client"].as_str().unwrap().starts_with("127.0.0.1:"));
-    assert_eq!(
-        (f["rx_bytes"].as_u64(), f["tx_bytes"].as_u64()),
-        (Some(5), Some(5))
-    );
-    assert_eq!(f["end"], "client_close");
-    assert!(f["duration_ms"].is_u64());
-
-    let (stderr, _) = one_connection_through_the_binary(backend.addr, &[], "info,slb::access=off").await;
-    assert!(stderr.contains("listener up"), "{stderr}");
-    assert!(!stderr.contains("slb::access"), "{stderr}");
-    assert!(
-        !stderr.contains('\x1b'),
-        "no colours when stderr is not a terminal: {stderr}"
-    );
-}
-
 #[test]
 fn the_docs_name_every_metric_and_status_field() {
     let docs = include_str!("../docs/observability.md");
@@ -586,50 +317,4 @@ fn the_docs_name_every_metric_and_status_field() {
             "docs/observability.md misses /status field {field}"
         );
     }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn slb_status_watch_refreshes_every_second() {
-    let backend = echo().await;
-    let lb = start_lb(&tcp_config("rr", &[(backend.addr, 10)], "")).await;
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_slb"))
-        .args(["status", "--watch", "--admin", &admin(&lb).to_string()])
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn slb status --watch");
-    let mut stdout = child.stdout.take().unwrap();
-    let mut seen = String::new();
-    let mut buf = [0u8; 4096];
-    // A first screen, then a later one showing a connection made after the
-    // first was printed.
-    timeout(async {
-        while !seen.contains("\x1b[2J") || !seen.contains("TCP ") {
-            let n = stdout.read(&mut buf).await.unwrap();
-            assert!(n > 0, "slb status --watch exited: {seen}");
-            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-    })
-    .await;
-    echo_round(lb.addr("l"), 10).await;
-    let row = format!(
-        "{:<4} {:<22} {:<14} {:<8} {:>8} {:>10}",
-        "TCP",
-        lb.addr("l"),
-        "l",
-        "rr",
-        0,
-        1
-    );
-    timeout(async {
-        while !seen.rsplit("\x1b[2J").next().unwrap().contains(&row) {
-            let n = stdout.read(&mut buf).await.unwrap();
-            assert!(n > 0, "slb status --watch exited: {seen}");
-            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-    })
-    .await;
-    child.start_kill().unwrap();
-    let _ = child.wait().await;
-    lb.stop().await;
 }
