@@ -99,15 +99,8 @@ pub const CATALOG: &[MetricDef] = &[
 pub struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
-    /// Keyed by listener name, and (listener name, backend address).
-    /// Locked by scrapes only, never by the data path.
-    cache: Mutex<Cache>,
-}
-
-#[derive(Default)]
-struct Cache {
-    listeners: HashMap<String, ListenerHandles>,
-    backends: HashMap<(String, SocketAddr), BackendHandles>,
+    /// Handles by listener name. Locked by scrapes only, never by the data path.
+    cache: Mutex<HashMap<String, ListenerHandles>>,
 }
 
 struct ListenerHandles {
@@ -121,6 +114,7 @@ struct ListenerHandles {
     limit_events: Counter,
     unhealthy: Gauge,
     fail_open: Gauge,
+    backends: HashMap<SocketAddr, BackendHandles>,
 }
 
 struct BackendHandles {
@@ -178,13 +172,14 @@ impl Metrics {
         self.handle.render()
     }
 
-    fn update_listener(&self, cache: &mut Cache, l: &Listener) {
+    fn update_listener(&self, cache: &mut HashMap<String, ListenerHandles>, l: &Listener) {
         let snap = l.snapshot();
         let udp = snap.spec.protocol == Protocol::Udp;
-        let h = cache
-            .listeners
-            .entry(l.name().to_owned())
-            .or_insert_with(|| self.listener_handles(l.name(), udp));
+        // Look up by &str first so that a known listener costs no allocation.
+        if !cache.contains_key(l.name()) {
+            cache.insert(l.name().to_owned(), self.listener_handles(l.name(), udp));
+        }
+        let h = cache.get_mut(l.name()).expect("inserted above");
         let s = &l.stats;
         h.active.set(s.active.load(Relaxed) as f64);
         h.total.absolute(s.total.load(Relaxed));
@@ -202,10 +197,9 @@ impl Metrics {
         h.unhealthy.set(unhealthy as f64);
         h.fail_open.set(if snap.fail_open { 1.0 } else { 0.0 });
         for b in &snap.backends {
-            let key = (l.name().to_owned(), b.addr);
-            let bh = cache
+            let bh = h
                 .backends
-                .entry(key)
+                .entry(b.addr)
                 .or_insert_with(|| self.backend_handles(l.name(), b.addr, udp));
             update_backend(bh, b);
         }
@@ -232,6 +226,7 @@ impl Metrics {
             limit_events: counter(LISTENER_LIMIT_EVENTS),
             unhealthy: gauge(LISTENER_UNHEALTHY),
             fail_open: gauge(LISTENER_FAIL_OPEN),
+            backends: HashMap::new(),
         }
     }
 

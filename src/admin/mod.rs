@@ -75,7 +75,7 @@ async fn run(socket: TcpListener, ctx: Arc<Ctx>, shutdown: CancellationToken) {
             Ok((stream, _)) => {
                 let ctx = ctx.clone();
                 tokio::spawn(async move {
-                    serve(stream, &ctx).await;
+                    serve(stream, ctx).await;
                     drop(permit);
                 });
             }
@@ -91,10 +91,18 @@ async fn run(socket: TcpListener, ctx: Arc<Ctx>, shutdown: CancellationToken) {
     }
 }
 
-async fn serve(mut stream: TcpStream, ctx: &Ctx) {
+async fn serve(mut stream: TcpStream, ctx: Arc<Ctx>) {
     let (mut r, mut w) = stream.split();
     let (resp, head_only) = match http::read_request(&mut r).await {
-        Some(req) => (route(&req, ctx), req.method == "HEAD"),
+        Some(req) => {
+            let head_only = req.method == "HEAD";
+            // Rendering walks every listener and backend (milliseconds for
+            // thousands of series): keep it off the data path's workers.
+            let resp = tokio::task::spawn_blocking(move || route(&req, &ctx))
+                .await
+                .unwrap_or_else(|_| Response::text(500, "internal error"));
+            (resp, head_only)
+        }
         None => (Response::text(400, "bad request"), false),
     };
     match tokio::time::timeout(WRITE_TIMEOUT, http::write_response(&mut w, &resp, head_only)).await {
