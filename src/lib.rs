@@ -15,10 +15,12 @@ pub mod backend;
 pub mod config;
 pub mod health;
 pub mod listener;
+pub mod metrics;
 pub mod persistence;
 pub mod proxy;
 pub mod scheduler;
 pub mod stats;
+pub mod status;
 pub mod sys;
 
 use std::net::SocketAddr;

@@ -1,4 +1,4 @@
-//! The `slb` command line: `run`, `check`. Parses arguments, sets up logging
+//! The `slb` command line: `run`, `check`, `status`. Parses arguments, sets up logging
 //! and the runtime, and hands over to the library.
 
 use std::path::PathBuf;
@@ -37,6 +37,19 @@ enum Command {
         #[arg(short, long, default_value = "conf/slb.yaml")]
         config: PathBuf,
     },
+    /// Show every listener and its backends with live counters, like
+    /// `ipvsadm -ln --stats`, from a running slb's admin server.
+    Status {
+        /// The admin server (`admin.listen` in the configuration).
+        #[arg(long, default_value = config::DEFAULT_ADMIN)]
+        admin: String,
+        /// Refresh every second, like `watch`.
+        #[arg(long)]
+        watch: bool,
+        /// Print the raw `/status` JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -51,6 +64,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run { config } => run(&config),
         Command::Check { config } => check(&config),
+        Command::Status { admin, watch, json } => slb::status::cli::run(&admin, watch, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -67,8 +81,9 @@ fn init_logging(format: LogFormat) {
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
+        // Colours only on a terminal: a log file or journald gets plain text.
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
