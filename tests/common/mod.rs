@@ -53,7 +53,9 @@ impl Lb {
 pub async fn start_lb(yaml: &str) -> Lb {
     // Tests open thousands of sockets; a 1024 soft limit is common.
     slb::sys::raise_fd_limit();
-    let config = slb::config::parse(yaml).unwrap_or_else(|e| panic!("config: {e:#}\n{yaml}"));
+    let mut config = slb::config::parse(yaml).unwrap_or_else(|e| panic!("config: {e:#}\n{yaml}"));
+    // Never the fixed default admin port: tests run in parallel.
+    config.admin.listen = "127.0.0.1:0".parse().unwrap();
     let server = Server::bind(&config).await.expect("bind");
     let state = server.state();
     let shutdown = CancellationToken::new();
