@@ -1,0 +1,339 @@
+//! One UDP flow: a client address:port tied to a backend through a connected
+//! upstream socket (so the kernel drops datagrams from anyone but the
+//! backend), and the relay task that sends the backend's replies to the
+//! client from the listener's socket until the flow idles out, is moved off
+//! its backend, or slb shuts down.
+
+use std::cell::RefCell;
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info};
+
+use super::MAX_DATAGRAM;
+use crate::backend::Backend;
+use crate::listener::Listener;
+
+/// Replies relayed per wake-up before the relay task yields to others.
+const BATCH: usize = 64;
+
+thread_local! {
+    /// The relay tasks' receive buffer, one per worker thread: an idle flow
+    /// holds no buffer, and no datagram allocates.
+    static REPLY_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; MAX_DATAGRAM].into_boxed_slice());
+}
+
+/// Why a flow ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(super) enum End {
+    /// No datagram in either direction for `idle_timeout`.
+    IdleTimeout = 1,
+    /// Its backend became ineligible (unhealthy, weight 0): re-scheduled.
+    BackendUnhealthy = 2,
+    /// Its backend answered with ICMP port unreachable: re-scheduled.
+    BackendRefused = 3,
+    /// slb is shutting down.
+    Shutdown = 4,
+}
+
+impl End {
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            End::IdleTimeout => "idle_timeout",
+            End::BackendUnhealthy => "backend_unhealthy",
+            End::BackendRefused => "backend_refused",
+            End::Shutdown => "shutdown",
+        }
+    }
+
+    fn from_u8(v: u8) -> End {
+        match v {
+            2 => End::BackendUnhealthy,
+            3 => End::BackendRefused,
+            1 => End::IdleTimeout,
+            _ => End::Shutdown,
+        }
+    }
+}
+
+/// What every relay task of one listener shares.
+pub(super) struct RelayCtx {
+    pub listener: Arc<Listener>,
+    /// The listener socket: replies leave from its address.
+    pub socket: Arc<UdpSocket>,
+    pub shutdown: CancellationToken,
+    /// A relay task that ends sends its flow here, for the table to remove.
+    pub ended: mpsc::UnboundedSender<Arc<Flow>>,
+    /// Relay tasks are tracked so that shutdown waits for their access logs.
+    pub tracker: TaskTracker,
+    pub idle: Duration,
+}
+
+#[derive(Default)]
+struct Counts {
+    bytes: AtomicU64,
+    datagrams: AtomicU64,
+}
+
+impl Counts {
+    fn add(&self, n: usize) {
+        self.bytes.fetch_add(n as u64, Relaxed);
+        self.datagrams.fetch_add(1, Relaxed);
+    }
+}
+
+/// A live flow, shared by the flow table and its relay task.
+pub(super) struct Flow {
+    pub client: SocketAddr,
+    pub backend: Arc<Backend>,
+    upstream: UdpSocket,
+    start: Instant,
+    /// When a datagram last moved either way, in ms since `start`.
+    last_ms: AtomicU64,
+    /// The backend refused a datagram (ICMP port unreachable).
+    refused: AtomicBool,
+    /// The relay task has ended; the entry only awaits removal.
+    ended: AtomicBool,
+    stop_reason: AtomicU8,
+    stop: Notify,
+    to_backend: Counts,
+    to_client: Counts,
+}
+
+impl Flow {
+    /// Open an upstream socket to `backend` and start relaying its replies to
+    /// `client`. Counts the flow in the listener's and backend's gauges.
+    pub(super) fn open(
+        ctx: &Arc<RelayCtx>,
+        client: SocketAddr,
+        backend: Arc<Backend>,
+    ) -> io::Result<Arc<Flow>> {
+        let upstream = connect(backend.addr)?;
+        let flow = Arc::new(Flow {
+            client,
+            backend,
+            upstream,
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            refused: AtomicBool::new(false),
+            ended: AtomicBool::new(false),
+            stop_reason: AtomicU8::new(End::Shutdown as u8),
+            stop: Notify::new(),
+            to_backend: Counts::default(),
+            to_client: Counts::default(),
+        });
+        let live = Live::new(ctx.listener.clone(), flow.backend.clone());
+        ctx.listener.record(client.ip(), &flow.backend);
+        ctx.tracker.spawn(relay(flow.clone(), live, ctx.clone()));
+        Ok(flow)
+    }
+
+    /// Send one client datagram to the backend.
+    pub(super) async fn send(&self, data: &[u8]) -> io::Result<()> {
+        self.upstream.send(data).await?;
+        let stats = &self.backend.state.stats;
+        stats.tx_bytes.fetch_add(data.len() as u64, Relaxed);
+        stats.tx_datagrams.fetch_add(1, Relaxed);
+        self.to_backend.add(data.len());
+        self.touch();
+        Ok(())
+    }
+
+    /// Whether the relay task has ended (idle timeout or shutdown).
+    pub(super) fn has_ended(&self) -> bool {
+        self.ended.load(Relaxed)
+    }
+
+    /// Whether the backend refused a datagram since the flow opened.
+    pub(super) fn was_refused(&self) -> bool {
+        self.refused.load(Relaxed)
+    }
+
+    /// Forget a refusal: the flow stays on its backend (there is no other).
+    pub(super) fn clear_refused(&self) {
+        self.refused.store(false, Relaxed);
+    }
+
+    /// End the flow: its relay task stops and closes the upstream socket.
+    pub(super) fn stop(&self, why: End) {
+        self.stop_reason.store(why as u8, Relaxed);
+        self.stop.notify_one();
+    }
+
+    /// A datagram to or from the backend failed (ICMP port unreachable comes
+    /// back as ECONNREFUSED on a connected socket). The flow survives; the
+    /// table moves it on its next datagram.
+    pub(super) fn backend_failed(&self, listener: &Listener, e: &io::Error) {
+        self.refused.store(true, Relaxed);
+        self.backend.state.stats.connect_failures.fetch_add(1, Relaxed);
+        debug!(listener = %listener.name(), client = %self.client, backend = %self.backend.addr, error = %e, "udp backend error");
+        if self.backend.state.health.observe_data_path_failure() {
+            listener.rebuild();
+        }
+    }
+
+    fn touch(&self) {
+        self.last_ms
+            .store(self.start.elapsed().as_millis() as u64, Relaxed);
+    }
+
+    fn last_activity(&self) -> Instant {
+        self.start + Duration::from_millis(self.last_ms.load(Relaxed))
+    }
+}
+
+/// A connected UDP socket to `addr` from an ephemeral port.
+fn connect(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let local: SocketAddr = match addr {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let socket = std::net::UdpSocket::bind(local)?;
+    socket.connect(addr)?;
+    socket.set_nonblocking(true)?;
+    UdpSocket::from_std(socket)
+}
+
+/// A flow counted in the listener's and the backend's `active` gauges for
+/// as long as its relay task lives.
+struct Live {
+    listener: Arc<Listener>,
+    backend: Arc<Backend>,
+}
+
+impl Live {
+    fn new(listener: Arc<Listener>, backend: Arc<Backend>) -> Live {
+        listener.stats.active.fetch_add(1, Relaxed);
+        listener.stats.total.fetch_add(1, Relaxed);
+        backend.state.stats.active.fetch_add(1, Relaxed);
+        backend.state.stats.total.fetch_add(1, Relaxed);
+        Live { listener, backend }
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.listener.stats.active.fetch_sub(1, Relaxed);
+        self.backend.state.stats.active.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Relay the backend's replies until the flow ends, then hand the flow back
+/// to the table for removal and write its access log line.
+async fn relay(flow: Arc<Flow>, live: Live, ctx: Arc<RelayCtx>) {
+    let cancelled = ctx.shutdown.cancelled();
+    let stopped = flow.stop.notified();
+    let idle = tokio::time::sleep_until(flow.start + ctx.idle);
+    tokio::pin!(cancelled, stopped, idle);
+    let mut answered = false;
+    let end = loop {
+        tokio::select! {
+            biased;
+            _ = &mut cancelled => break End::Shutdown,
+            _ = &mut stopped => break End::from_u8(flow.stop_reason.load(Relaxed)),
+            r = flow.upstream.readable() => {
+                if r.is_err() {
+                    // Only when the runtime's I/O driver is gone.
+                    break End::Shutdown;
+                }
+                relay_ready(&flow, &ctx, &mut answered).await;
+            }
+            _ = &mut idle => {
+                let next = flow.last_activity() + ctx.idle;
+                if next <= Instant::now() {
+                    break End::IdleTimeout;
+                }
+                idle.as_mut().reset(next);
+            }
+        }
+    };
+    flow.ended.store(true, Relaxed);
+    drop(live);
+    let _ = ctx.ended.send(flow.clone());
+    info!(
+        target: "slb::access",
+        listener = %ctx.listener.name(), client = %flow.client, backend = %flow.backend.addr,
+        duration_ms = flow.start.elapsed().as_millis() as u64,
+        rx_bytes = flow.to_backend.bytes.load(Relaxed), rx_datagrams = flow.to_backend.datagrams.load(Relaxed),
+        tx_bytes = flow.to_client.bytes.load(Relaxed), tx_datagrams = flow.to_client.datagrams.load(Relaxed),
+        end = end.as_str(), "udp flow"
+    );
+}
+
+/// What became of one reply.
+enum Step {
+    Relayed(usize),
+    /// The listener socket's send buffer is full: the reply waits, copied.
+    Blocked(Vec<u8>),
+    SendFailed(usize, io::Error),
+    Drained,
+    RecvFailed(io::Error),
+}
+
+/// Relay the replies waiting on the upstream socket, up to [`BATCH`].
+async fn relay_ready(flow: &Flow, ctx: &RelayCtx, answered: &mut bool) {
+    for _ in 0..BATCH {
+        let step = REPLY_BUF.with_borrow_mut(|buf| match flow.upstream.try_recv(buf) {
+            Ok(n) => match ctx.socket.try_send_to(&buf[..n], flow.client) {
+                Ok(_) => Step::Relayed(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Step::Blocked(buf[..n].to_vec()),
+                Err(e) => Step::SendFailed(n, e),
+            },
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Step::Drained,
+            Err(e) => Step::RecvFailed(e),
+        });
+        let n = match step {
+            Step::Relayed(n) => n,
+            Step::Blocked(data) => {
+                count_from_backend(flow, data.len(), answered);
+                if let Err(e) = ctx.socket.send_to(&data, flow.client).await {
+                    debug!(listener = %ctx.listener.name(), client = %flow.client, error = %e, "udp reply dropped");
+                    continue;
+                }
+                count_to_client(flow, ctx, data.len());
+                continue;
+            }
+            Step::SendFailed(n, e) => {
+                count_from_backend(flow, n, answered);
+                debug!(listener = %ctx.listener.name(), client = %flow.client, error = %e, "udp reply dropped");
+                continue;
+            }
+            Step::Drained => return,
+            Step::RecvFailed(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Step::RecvFailed(e) => {
+                flow.backend_failed(&ctx.listener, &e);
+                continue;
+            }
+        };
+        count_from_backend(flow, n, answered);
+        count_to_client(flow, ctx, n);
+    }
+}
+
+fn count_from_backend(flow: &Flow, n: usize, answered: &mut bool) {
+    let b = &flow.backend.state.stats;
+    b.rx_bytes.fetch_add(n as u64, Relaxed);
+    b.rx_datagrams.fetch_add(1, Relaxed);
+    flow.touch();
+    if !*answered {
+        // Once per flow: the backend is alive on the data path.
+        *answered = true;
+        flow.backend.state.health.observe_data_path_success();
+    }
+}
+
+fn count_to_client(flow: &Flow, ctx: &RelayCtx, n: usize) {
+    let l = &ctx.listener.stats;
+    l.tx_bytes.fetch_add(n as u64, Relaxed);
+    l.tx_datagrams.fetch_add(1, Relaxed);
+    flow.to_client.add(n);
+}

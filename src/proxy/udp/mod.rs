@@ -1,0 +1,111 @@
+//! UDP listeners. One receive task per listener owns the flow table (client
+//! address:port -> [`flow::Flow`]) and forwards each datagram to its flow's
+//! connected upstream socket; each flow has a relay task that sends the
+//! backend's replies to the client from the listener's own socket, so the
+//! client sees the listener's address answer. See `docs/udp.md`.
+
+mod flow;
+mod table;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::net::UdpSocket;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+use crate::listener::Listener;
+use table::FlowTable;
+
+/// Room for the largest datagram a socket can carry (65,507 bytes of IPv4
+/// payload, 65,527 over IPv6 without jumbograms), so nothing is truncated.
+const MAX_DATAGRAM: usize = 65_535;
+
+/// Socket buffers asked for on the listener socket: bursts from many clients
+/// queue here while the receive task is busy. The kernel caps the request at
+/// `net.core.rmem_max` / `wmem_max`.
+const LISTENER_BUFFER: usize = 4 << 20;
+
+/// Bind a UDP listener socket. IPv6 sockets are v6-only (so `[::]:p` and
+/// `0.0.0.0:p` can coexist). No SO_REUSEADDR: on UDP it would let a second
+/// process bind the same port and silently steal datagrams.
+pub fn bind(addr: SocketAddr) -> Result<UdpSocket> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, None)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket
+        .bind(&addr.into())
+        .with_context(|| format!("cannot bind UDP {addr}"))?;
+    set_buffers_or_warn(&socket, addr);
+    Ok(UdpSocket::from_std(socket.into())?)
+}
+
+fn set_buffers_or_warn(socket: &socket2::Socket, addr: SocketAddr) {
+    if let Err(e) = socket.set_recv_buffer_size(LISTENER_BUFFER) {
+        warn!(listen = %addr, error = %e, "cannot set UDP receive buffer size");
+    }
+    if let Err(e) = socket.set_send_buffer_size(LISTENER_BUFFER) {
+        warn!(listen = %addr, error = %e, "cannot set UDP send buffer size");
+    }
+}
+
+/// Receive datagrams until `shutdown`, forwarding each to its flow. Flows'
+/// relay tasks are tracked by `tracker`; they end at `shutdown` too.
+pub async fn run(
+    listener: Arc<Listener>,
+    socket: UdpSocket,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let socket = Arc::new(socket);
+    let mut table = FlowTable::new(listener.clone(), socket.clone(), shutdown.clone(), tracker);
+    // One buffer for the life of the listener: no allocation per datagram.
+    let mut buf = vec![0u8; MAX_DATAGRAM].into_boxed_slice();
+    // Registered once, not per datagram: polling a fresh `cancelled()` would
+    // take the token's lock on every loop turn.
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(cancelled);
+    let mut backoff = Duration::ZERO;
+    loop {
+        tokio::select! {
+            biased;
+            _ = &mut cancelled => break,
+            ended = table.next_ended() => table.remove_ended(ended),
+            r = socket.recv_from(&mut buf) => match r {
+                Ok((n, client)) => {
+                    backoff = Duration::ZERO;
+                    table.forward(client, &buf[..n]).await;
+                }
+                Err(e) if is_transient(&e) => debug!(listener = %listener.name(), error = %e, "udp receive"),
+                Err(e) => {
+                    // ENOMEM, ENOBUFS...: back off, never spin, never give up.
+                    backoff = (backoff * 2).clamp(Duration::from_millis(5), Duration::from_secs(1));
+                    warn!(listener = %listener.name(), error = %e, backoff = ?backoff, "udp receive failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = &mut cancelled => break,
+                    }
+                }
+            },
+        }
+    }
+    // Each relay task sees the same token and ends its flow with end=shutdown.
+}
+
+/// Errors that concern one datagram or one peer, not the socket.
+fn is_transient(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::WouldBlock
+    )
+}
