@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
@@ -240,13 +241,19 @@ async fn relay(flow: Arc<Flow>, live: Live, ctx: Arc<RelayCtx>) {
             biased;
             _ = &mut cancelled => break End::Shutdown,
             _ = &mut stopped => break End::from_u8(flow.stop_reason.load(Relaxed)),
-            r = flow.upstream.readable() => {
-                if r.is_err() {
-                    // Only when the runtime's I/O driver is gone.
-                    break End::Shutdown;
+            // ERROR too: an ICMP error arrives as EPOLLERR alone, not readable.
+            r = flow.upstream.ready(Interest::READABLE | Interest::ERROR) => match r {
+                Ok(ready) => {
+                    if ready.is_error() {
+                        take_error(&flow, &ctx);
+                    }
+                    if ready.is_readable() {
+                        relay_ready(&flow, &ctx, &mut answered).await;
+                    }
                 }
-                relay_ready(&flow, &ctx, &mut answered).await;
-            }
+                // Only when the runtime's I/O driver is gone.
+                Err(_) => break End::Shutdown,
+            },
             _ = &mut idle => {
                 let next = flow.last_activity() + ctx.idle;
                 if next <= Instant::now() {
@@ -267,6 +274,18 @@ async fn relay(flow: Arc<Flow>, live: Live, ctx: Arc<RelayCtx>) {
         tx_bytes = flow.to_client.bytes.load(Relaxed), tx_datagrams = flow.to_client.datagrams.load(Relaxed),
         end = end.as_str(), "udp flow"
     );
+}
+
+/// Consume the socket error behind an error readiness event (ICMP port
+/// unreachable: ECONNREFUSED). Clear the readiness first, so that an error
+/// arriving meanwhile raises a fresh event instead of being lost.
+fn take_error(flow: &Flow, ctx: &RelayCtx) {
+    let _ = flow
+        .upstream
+        .try_io(Interest::ERROR, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
+    if let Ok(Some(e)) = flow.upstream.take_error() {
+        flow.backend_failed(&ctx.listener, &e);
+    }
 }
 
 /// What became of one reply.
