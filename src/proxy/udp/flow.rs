@@ -7,15 +7,14 @@
 use std::cell::RefCell;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info};
 
@@ -34,16 +33,15 @@ thread_local! {
 
 /// Why a flow ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
 pub(super) enum End {
     /// No datagram in either direction for `idle_timeout`.
-    IdleTimeout = 1,
+    IdleTimeout,
     /// Its backend became ineligible (unhealthy, weight 0): re-scheduled.
-    BackendUnhealthy = 2,
+    BackendUnhealthy,
     /// Its backend answered with ICMP port unreachable: re-scheduled.
-    BackendRefused = 3,
+    BackendRefused,
     /// slb is shutting down.
-    Shutdown = 4,
+    Shutdown,
 }
 
 impl End {
@@ -55,15 +53,6 @@ impl End {
             End::Shutdown => "shutdown",
         }
     }
-
-    fn from_u8(v: u8) -> End {
-        match v {
-            2 => End::BackendUnhealthy,
-            3 => End::BackendRefused,
-            1 => End::IdleTimeout,
-            _ => End::Shutdown,
-        }
-    }
 }
 
 /// What every relay task of one listener shares.
@@ -71,7 +60,6 @@ pub(super) struct RelayCtx {
     pub listener: Arc<Listener>,
     /// The listener socket: replies leave from its address.
     pub socket: Arc<UdpSocket>,
-    pub shutdown: CancellationToken,
     /// A relay task that ends sends its flow here, for the table to remove.
     pub ended: mpsc::UnboundedSender<Arc<Flow>>,
     /// Relay tasks are tracked so that shutdown waits for their access logs.
@@ -104,8 +92,6 @@ pub(super) struct Flow {
     refused: AtomicBool,
     /// The relay task has ended; the entry only awaits removal.
     ended: AtomicBool,
-    stop_reason: AtomicU8,
-    stop: Notify,
     to_backend: Counts,
     to_client: Counts,
 }
@@ -113,11 +99,13 @@ pub(super) struct Flow {
 impl Flow {
     /// Open an upstream socket to `backend` and start relaying its replies to
     /// `client`. Counts the flow in the listener's and backend's gauges.
+    /// The flow ends when a reason is sent on the returned [`Stop`], or with
+    /// `end=shutdown` when it is dropped (the listener's table is gone).
     pub(super) fn open(
         ctx: &Arc<RelayCtx>,
         client: SocketAddr,
         backend: Arc<Backend>,
-    ) -> io::Result<Arc<Flow>> {
+    ) -> io::Result<(Arc<Flow>, Stop)> {
         let upstream = connect(backend.addr)?;
         let flow = Arc::new(Flow {
             client,
@@ -127,15 +115,14 @@ impl Flow {
             last_ms: AtomicU64::new(0),
             refused: AtomicBool::new(false),
             ended: AtomicBool::new(false),
-            stop_reason: AtomicU8::new(End::Shutdown as u8),
-            stop: Notify::new(),
             to_backend: Counts::default(),
             to_client: Counts::default(),
         });
         let live = Live::new(ctx.listener.clone(), flow.backend.clone());
         ctx.listener.record(client.ip(), &flow.backend);
-        ctx.tracker.spawn(relay(flow.clone(), live, ctx.clone()));
-        Ok(flow)
+        let (stop, stopped) = oneshot::channel();
+        ctx.tracker.spawn(relay(flow.clone(), live, stopped, ctx.clone()));
+        Ok((flow, Stop(stop)))
     }
 
     /// Send one client datagram to the backend.
@@ -164,12 +151,6 @@ impl Flow {
         self.refused.store(false, Relaxed);
     }
 
-    /// End the flow: its relay task stops and closes the upstream socket.
-    pub(super) fn stop(&self, why: End) {
-        self.stop_reason.store(why as u8, Relaxed);
-        self.stop.notify_one();
-    }
-
     /// A datagram to or from the backend failed (ICMP port unreachable comes
     /// back as ECONNREFUSED on a connected socket). The flow survives; the
     /// table moves it on its next datagram.
@@ -189,6 +170,18 @@ impl Flow {
 
     fn last_activity(&self) -> Instant {
         self.start + Duration::from_millis(self.last_ms.load(Relaxed))
+    }
+}
+
+/// The table's handle to end a flow. A oneshot rather than a `Notify` or a
+/// `CancellationToken`: polling those takes a mutex each time the relay task
+/// goes to sleep, that is once per datagram.
+pub(super) struct Stop(oneshot::Sender<End>);
+
+impl Stop {
+    /// End the flow: its relay task stops and closes the upstream socket.
+    pub(super) fn stop(self, why: End) {
+        let _ = self.0.send(why);
     }
 }
 
@@ -230,17 +223,20 @@ impl Drop for Live {
 
 /// Relay the backend's replies until the flow ends, then hand the flow back
 /// to the table for removal and write its access log line.
-async fn relay(flow: Arc<Flow>, live: Live, ctx: Arc<RelayCtx>) {
-    let cancelled = ctx.shutdown.cancelled();
-    let stopped = flow.stop.notified();
+async fn relay(flow: Arc<Flow>, live: Live, mut stopped: oneshot::Receiver<End>, ctx: Arc<RelayCtx>) {
     let idle = tokio::time::sleep_until(flow.start + ctx.idle);
-    tokio::pin!(cancelled, stopped, idle);
+    tokio::pin!(idle);
     let mut answered = false;
     let end = loop {
+        // An atomic check, so that a flood of replies cannot hide a stop.
+        match stopped.try_recv() {
+            Ok(why) => break why,
+            Err(oneshot::error::TryRecvError::Closed) => break End::Shutdown,
+            Err(oneshot::error::TryRecvError::Empty) => {}
+        }
+        // Replies first: while one is ready, nothing else is polled.
         tokio::select! {
             biased;
-            _ = &mut cancelled => break End::Shutdown,
-            _ = &mut stopped => break End::from_u8(flow.stop_reason.load(Relaxed)),
             // ERROR too: an ICMP error arrives as EPOLLERR alone, not readable.
             r = flow.upstream.ready(Interest::READABLE | Interest::ERROR) => match r {
                 Ok(ready) => {
@@ -254,6 +250,7 @@ async fn relay(flow: Arc<Flow>, live: Live, ctx: Arc<RelayCtx>) {
                 // Only when the runtime's I/O driver is gone.
                 Err(_) => break End::Shutdown,
             },
+            why = &mut stopped => break why.unwrap_or(End::Shutdown),
             _ = &mut idle => {
                 let next = flow.last_activity() + ctx.idle;
                 if next <= Instant::now() {

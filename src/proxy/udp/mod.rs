@@ -65,18 +65,18 @@ pub async fn run(
     tracker: TaskTracker,
 ) {
     let socket = Arc::new(socket);
-    let mut table = FlowTable::new(listener.clone(), socket.clone(), shutdown.clone(), tracker);
+    let mut table = FlowTable::new(listener.clone(), socket.clone(), tracker);
     // One buffer for the life of the listener: no allocation per datagram.
     let mut buf = vec![0u8; MAX_DATAGRAM].into_boxed_slice();
-    // Registered once, not per datagram: polling a fresh `cancelled()` would
-    // take the token's lock on every loop turn.
+    // Polling `cancelled()` takes the token's lock, shared by every listener:
+    // it is polled last, so only when the socket has nothing to read, and an
+    // atomic check each turn makes sure a flood cannot hide a shutdown.
     let cancelled = shutdown.cancelled();
     tokio::pin!(cancelled);
     let mut backoff = Duration::ZERO;
-    loop {
+    while !shutdown.is_cancelled() {
         tokio::select! {
             biased;
-            _ = &mut cancelled => break,
             ended = table.next_ended() => table.remove_ended(ended),
             r = socket.recv_from(&mut buf) => match r {
                 Ok((n, client)) => {
@@ -94,9 +94,10 @@ pub async fn run(
                     }
                 }
             },
+            _ = &mut cancelled => break,
         }
     }
-    // Each relay task sees the same token and ends its flow with end=shutdown.
+    // Dropping the table ends every flow with end=shutdown.
 }
 
 /// Errors that concern one datagram or one peer, not the socket.

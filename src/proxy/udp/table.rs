@@ -10,37 +10,37 @@ use std::sync::Arc;
 
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-use super::flow::{End, Flow, RelayCtx};
+use super::flow::{End, Flow, RelayCtx, Stop};
 use crate::backend::Backend;
 use crate::listener::Listener;
 use crate::stats::DropReason;
 
 pub(super) struct FlowTable {
     listener: Arc<Listener>,
-    flows: HashMap<SocketAddr, Arc<Flow>>,
+    flows: HashMap<SocketAddr, Entry>,
     max: usize,
     ctx: Arc<RelayCtx>,
     ended: mpsc::UnboundedReceiver<Arc<Flow>>,
 }
 
+/// A live flow and the handle that ends it. Dropping the table drops every
+/// handle, which ends every flow with `end=shutdown`.
+struct Entry {
+    flow: Arc<Flow>,
+    stop: Stop,
+}
+
 impl FlowTable {
-    pub(super) fn new(
-        listener: Arc<Listener>,
-        socket: Arc<UdpSocket>,
-        shutdown: CancellationToken,
-        tracker: TaskTracker,
-    ) -> FlowTable {
+    pub(super) fn new(listener: Arc<Listener>, socket: Arc<UdpSocket>, tracker: TaskTracker) -> FlowTable {
         let spec = listener.snapshot().spec.clone();
         // Unbounded, yet bounded in practice: each flow sends itself once.
         let (tx, ended) = mpsc::unbounded_channel();
         let ctx = Arc::new(RelayCtx {
             listener: listener.clone(),
             socket,
-            shutdown,
             ended: tx,
             tracker,
             idle: spec.idle_timeout,
@@ -68,7 +68,7 @@ impl FlowTable {
         if self
             .flows
             .get(&flow.client)
-            .is_some_and(|f| Arc::ptr_eq(f, &flow))
+            .is_some_and(|e| Arc::ptr_eq(&e.flow, &flow))
         {
             self.flows.remove(&flow.client);
         }
@@ -81,7 +81,7 @@ impl FlowTable {
         let stats = &self.listener.stats;
         stats.rx_bytes.fetch_add(data.len() as u64, Relaxed);
         stats.rx_datagrams.fetch_add(1, Relaxed);
-        let Some(flow) = self.flows.get(&client) else {
+        let Some(Entry { flow, .. }) = self.flows.get(&client) else {
             return self.forward_new(client, data).await;
         };
         let why = if flow.has_ended() {
@@ -110,20 +110,20 @@ impl FlowTable {
     }
 
     /// Move `old` to another backend if there is one, and send `data` there.
-    async fn reschedule(&mut self, old: Arc<Flow>, why: End, data: &[u8]) {
-        let client = old.client;
-        match self.pick(client.ip(), Some(old.backend.addr)) {
-            Some(b) if b.addr == old.backend.addr => {
+    async fn reschedule(&mut self, old: Entry, why: End, data: &[u8]) {
+        let (client, from) = (old.flow.client, old.flow.backend.addr);
+        match self.pick(client.ip(), Some(from)) {
+            Some(b) if b.addr == from => {
                 // Nowhere else to go: keep the flow and its upstream socket.
-                old.clear_refused();
-                if let Err(e) = old.send(data).await {
-                    old.backend_failed(&self.listener, &e);
+                old.flow.clear_refused();
+                if let Err(e) = old.flow.send(data).await {
+                    old.flow.backend_failed(&self.listener, &e);
                 }
                 self.flows.insert(client, old);
             }
             next => {
-                debug!(listener = %self.listener.name(), client = %client, from = %old.backend.addr, reason = why.as_str(), "udp flow re-scheduled");
-                old.stop(why);
+                debug!(listener = %self.listener.name(), client = %client, from = %from, reason = why.as_str(), "udp flow re-scheduled");
+                old.stop.stop(why);
                 self.open_and_send(client, next, data).await;
             }
         }
@@ -150,11 +150,11 @@ impl FlowTable {
         };
         let addr = backend.addr;
         match Flow::open(&self.ctx, client, backend) {
-            Ok(flow) => {
+            Ok((flow, stop)) => {
                 if let Err(e) = flow.send(data).await {
                     flow.backend_failed(&self.listener, &e);
                 }
-                self.flows.insert(client, flow);
+                self.flows.insert(client, Entry { flow, stop });
             }
             Err(e) => {
                 // Out of file descriptors or ports: nothing the backend did.
