@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info};
 
-use super::MAX_DATAGRAM;
+use super::batch::RecvBatch;
 use crate::backend::Backend;
 use crate::listener::Listener;
 
@@ -26,9 +26,9 @@ use crate::listener::Listener;
 const BATCH: usize = 64;
 
 thread_local! {
-    /// The relay tasks' receive buffer, one per worker thread: an idle flow
-    /// holds no buffer, and no datagram allocates.
-    static REPLY_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; MAX_DATAGRAM].into_boxed_slice());
+    /// The relay tasks' receive buffers, one set per worker thread: an idle
+    /// flow holds no buffer, and no datagram allocates.
+    static REPLIES: RefCell<RecvBatch> = RefCell::new(RecvBatch::new());
 }
 
 /// Why a flow ended.
@@ -285,53 +285,68 @@ fn take_error(flow: &Flow, ctx: &RelayCtx) {
     }
 }
 
-/// What became of one reply.
-enum Step {
-    Relayed(usize),
-    /// The listener socket's send buffer is full: the reply waits, copied.
-    Blocked(Vec<u8>),
-    SendFailed(usize, io::Error),
-    Drained,
-    RecvFailed(io::Error),
+/// What one batch of replies came to.
+enum Batch {
+    /// Replies received (`drained`: the socket is now empty). Those the
+    /// listener socket could not take at once (send buffer full) wait in
+    /// `blocked`, copied, in order.
+    Received {
+        drained: bool,
+        blocked: Vec<Vec<u8>>,
+    },
+    Empty,
+    Failed(io::Error),
 }
 
 /// Relay the replies waiting on the upstream socket, up to [`BATCH`].
 async fn relay_ready(flow: &Flow, ctx: &RelayCtx, answered: &mut bool) {
-    for _ in 0..BATCH {
-        let step = REPLY_BUF.with_borrow_mut(|buf| match flow.upstream.try_recv(buf) {
-            Ok(n) => match ctx.socket.try_send_to(&buf[..n], flow.client) {
-                Ok(_) => Step::Relayed(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Step::Blocked(buf[..n].to_vec()),
-                Err(e) => Step::SendFailed(n, e),
-            },
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Step::Drained,
-            Err(e) => Step::RecvFailed(e),
-        });
-        let n = match step {
-            Step::Relayed(n) => n,
-            Step::Blocked(data) => {
-                count_from_backend(flow, data.len(), answered);
-                if let Err(e) = ctx.socket.send_to(&data, flow.client).await {
-                    debug!(listener = %ctx.listener.name(), client = %flow.client, error = %e, "udp reply dropped");
-                    continue;
+    let mut relayed = 0;
+    while relayed < BATCH {
+        let batch = REPLIES.with_borrow_mut(|replies| match replies.recv(&flow.upstream, false) {
+            Ok((n, drained)) => {
+                relayed += n;
+                let mut blocked = Vec::new();
+                for i in 0..n {
+                    let (data, _) = replies.get(i);
+                    count_from_backend(flow, data.len(), answered);
+                    if !blocked.is_empty() {
+                        blocked.push(data.to_vec());
+                        continue;
+                    }
+                    match ctx.socket.try_send_to(data, flow.client) {
+                        Ok(_) => count_to_client(flow, ctx, data.len()),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => blocked.push(data.to_vec()),
+                        Err(e) => {
+                            debug!(listener = %ctx.listener.name(), client = %flow.client, error = %e, "udp reply dropped")
+                        }
+                    }
                 }
-                count_to_client(flow, ctx, data.len());
-                continue;
+                Batch::Received { drained, blocked }
             }
-            Step::SendFailed(n, e) => {
-                count_from_backend(flow, n, answered);
-                debug!(listener = %ctx.listener.name(), client = %flow.client, error = %e, "udp reply dropped");
-                continue;
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Batch::Empty,
+            Err(e) => Batch::Failed(e),
+        });
+        match batch {
+            Batch::Received { drained, blocked } => {
+                for data in blocked {
+                    match ctx.socket.send_to(&data, flow.client).await {
+                        Ok(_) => count_to_client(flow, ctx, data.len()),
+                        Err(e) => {
+                            debug!(listener = %ctx.listener.name(), client = %flow.client, error = %e, "udp reply dropped")
+                        }
+                    }
+                }
+                if drained {
+                    return;
+                }
             }
-            Step::Drained => return,
-            Step::RecvFailed(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Step::RecvFailed(e) => {
+            Batch::Empty => return,
+            Batch::Failed(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Batch::Failed(e) => {
+                relayed += 1;
                 flow.backend_failed(&ctx.listener, &e);
-                continue;
             }
-        };
-        count_from_backend(flow, n, answered);
-        count_to_client(flow, ctx, n);
+        }
     }
 }
 

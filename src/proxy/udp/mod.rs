@@ -4,6 +4,7 @@
 //! backend's replies to the client from the listener's own socket, so the
 //! client sees the listener's address answer. See `docs/udp.md`.
 
+mod batch;
 mod flow;
 mod table;
 
@@ -19,6 +20,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use crate::listener::Listener;
+use batch::RecvBatch;
 use table::FlowTable;
 
 /// Room for the largest datagram a socket can carry (65,507 bytes of IPv4
@@ -66,8 +68,8 @@ pub async fn run(
 ) {
     let socket = Arc::new(socket);
     let mut table = FlowTable::new(listener.clone(), socket.clone(), tracker);
-    // One buffer for the life of the listener: no allocation per datagram.
-    let mut buf = vec![0u8; MAX_DATAGRAM].into_boxed_slice();
+    // Buffers for the life of the listener: no allocation per datagram.
+    let mut batch = RecvBatch::new();
     // Polling `cancelled()` takes the token's lock, shared by every listener:
     // it is polled last, so only when the socket has nothing to read, and an
     // atomic check each turn makes sure a flood cannot hide a shutdown.
@@ -78,22 +80,32 @@ pub async fn run(
         tokio::select! {
             biased;
             ended = table.next_ended() => table.remove_ended(ended),
-            r = socket.recv_from(&mut buf) => match r {
-                Ok((n, client)) => {
-                    backoff = Duration::ZERO;
-                    table.forward(client, &buf[..n]).await;
+            r = socket.readable() => {
+                if r.is_err() {
+                    // Only when the runtime's I/O driver is gone.
+                    break;
                 }
-                Err(e) if is_transient(&e) => debug!(listener = %listener.name(), error = %e, "udp receive"),
-                Err(e) => {
-                    // ENOMEM, ENOBUFS...: back off, never spin, never give up.
-                    backoff = (backoff * 2).clamp(Duration::from_millis(5), Duration::from_secs(1));
-                    warn!(listener = %listener.name(), error = %e, backoff = ?backoff, "udp receive failed; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = &mut cancelled => break,
+                match batch.recv(&socket, true) {
+                    Ok((n, _)) => {
+                        backoff = Duration::ZERO;
+                        for i in 0..n {
+                            if let (data, Some(client)) = batch.get(i) {
+                                table.forward(client, data).await;
+                            }
+                        }
+                    }
+                    Err(e) if is_transient(&e) => debug!(listener = %listener.name(), error = %e, "udp receive"),
+                    Err(e) => {
+                        // ENOMEM, ENOBUFS...: back off, never spin, never give up.
+                        backoff = (backoff * 2).clamp(Duration::from_millis(5), Duration::from_secs(1));
+                        warn!(listener = %listener.name(), error = %e, backoff = ?backoff, "udp receive failed; retrying");
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {}
+                            _ = &mut cancelled => break,
+                        }
                     }
                 }
-            },
+            }
             _ = &mut cancelled => break,
         }
     }
