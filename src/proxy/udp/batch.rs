@@ -139,3 +139,73 @@ fn to_socket_addr(s: &libc::sockaddr_storage) -> Option<SocketAddr> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn pair(addr: &str) -> (UdpSocket, UdpSocket) {
+        let rx = UdpSocket::bind(addr).await.expect("bind receiver");
+        let tx = UdpSocket::bind(addr).await.expect("bind sender");
+        (rx, tx)
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn batches_keep_boundaries_and_senders_and_report_drained() {
+        let (rx, tx) = pair("127.0.0.1:0").await;
+        let to = rx.local_addr().unwrap();
+        for i in 0..SLOTS + 2 {
+            // Loopback delivers within send: all are queued when it returns.
+            tx.send_to(&vec![i as u8; i * 100], to).await.unwrap();
+        }
+        rx.readable().await.unwrap();
+        let mut batch = RecvBatch::new();
+        assert_eq!(
+            batch.recv(&rx, true).unwrap(),
+            (SLOTS, false),
+            "a full batch proves nothing"
+        );
+        for i in 0..SLOTS {
+            let (data, from) = batch.get(i);
+            assert_eq!(data, &vec![i as u8; i * 100][..]);
+            assert_eq!(from, Some(tx.local_addr().unwrap()));
+        }
+        assert_eq!(
+            batch.recv(&rx, true).unwrap(),
+            (2, true),
+            "a short batch drains the queue"
+        );
+        assert_eq!(batch.get(1).0.len(), (SLOTS + 1) * 100);
+        let err = batch.recv(&rx, true).unwrap_err();
+        assert_eq!(
+            err.kind(),
+            io::ErrorKind::WouldBlock,
+            "readiness cleared, no system call"
+        );
+    }
+
+    #[tokio::test]
+    async fn ipv6_senders_are_decoded() {
+        let Ok(rx) = UdpSocket::bind("[::1]:0").await else {
+            return; // no IPv6 loopback on this machine
+        };
+        let tx = UdpSocket::bind("[::1]:0").await.unwrap();
+        tx.send_to(b"six", rx.local_addr().unwrap()).await.unwrap();
+        rx.readable().await.unwrap();
+        let mut batch = RecvBatch::new();
+        batch.recv(&rx, true).unwrap();
+        assert_eq!(batch.get(0), (&b"six"[..], Some(tx.local_addr().unwrap())));
+    }
+
+    #[tokio::test]
+    async fn largest_datagram_is_not_truncated() {
+        let (rx, tx) = pair("127.0.0.1:0").await;
+        let big = vec![7u8; 65_507];
+        tx.send_to(&big, rx.local_addr().unwrap()).await.unwrap();
+        rx.readable().await.unwrap();
+        let mut batch = RecvBatch::new();
+        assert_eq!(batch.recv(&rx, false).unwrap().0, 1);
+        assert_eq!(batch.get(0), (&big[..], None));
+    }
+}
