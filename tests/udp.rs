@@ -283,7 +283,6 @@ async fn flow_moves_off_a_backend_that_refuses() {
 }
 
 #[tokio::test]
-#[ignore = "needs health checks (issue 4)"]
 async fn flow_moves_off_a_backend_that_goes_unhealthy() {
     // Each backend answers UDP and TCP health checks on the same port; A's
     // TCP side goes away while its UDP side keeps answering.
@@ -327,7 +326,6 @@ fn indent(lines: &str) -> String {
 }
 
 #[tokio::test]
-#[ignore = "needs session persistence (issue 3)"]
 async fn persistence_keeps_a_client_ip_on_one_backend_across_source_ports() {
     let (a, b) = (udp_backend(Some("A")).await, udp_backend(Some("B")).await);
     let extra = "session_persistence:\n  enabled: true\n  timeout: 60s";

@@ -151,6 +151,7 @@ impl FlowTable {
         let addr = backend.addr;
         match Flow::open(&self.ctx, client, backend) {
             Ok((flow, stop)) => {
+                self.listener.record(client.ip(), &flow.backend);
                 if let Err(e) = flow.send(data).await {
                     flow.backend_failed(&self.listener, &e);
                 }
