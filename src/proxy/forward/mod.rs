@@ -6,17 +6,25 @@
 //! - An error (a reset) on either side resets both.
 //! - No traffic in either direction for `idle` closes both.
 //! - Byte counters advance as data moves, not when the connection ends.
+//!
+//! Each direction waits for readiness first and only then borrows what it
+//! moves bytes through, so an idle connection holds no buffer. On Linux that
+//! is a pipe from a small per-thread pool, and the bytes go socket -> pipe ->
+//! socket with splice(2), never through user space ([`splice`]); elsewhere,
+//! or when no pipe can be had, a buffer and read/write ([`copy`]).
 
+mod copy;
+#[cfg(target_os = "linux")]
+mod splice;
+
+use std::future::Future;
 use std::io;
+use std::net::Shutdown;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-
-/// Bytes read per syscall, per direction.
-const BUF_SIZE: usize = 16 * 1024;
 
 /// How a forwarded connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,43 +79,31 @@ pub async fn forward(
     idle: Duration,
     meters: Meters<'_>,
 ) -> Outcome {
-    let start = Instant::now();
     let activity = Activity {
-        start,
+        start: Instant::now(),
         last_ms: AtomicU64::new(0),
     };
     let first_eof = AtomicU8::new(NONE_CLOSED);
     let (up_total, down_total) = (AtomicU64::new(0), AtomicU64::new(0));
-    let end = {
-        let (mut cr, mut cw) = client.split();
-        let (mut br, mut bw) = backend.split();
-        let up = pipe(
-            &mut cr,
-            &mut bw,
-            meters.upstream,
-            &up_total,
-            &activity,
-            &first_eof,
-            CLIENT_FIRST,
-        );
-        let down = pipe(
-            &mut br,
-            &mut cw,
-            meters.downstream,
-            &down_total,
-            &activity,
-            &first_eof,
-            BACKEND_FIRST,
-        );
-        tokio::select! {
-            r = async { tokio::try_join!(up, down) } => match r {
-                Ok(_) if first_eof.load(Relaxed) == BACKEND_FIRST => End::BackendClose,
-                Ok(_) => End::ClientClose,
-                Err(_) => End::Reset,
-            },
-            _ = activity.idle_for(idle) => End::IdleTimeout,
-        }
+    let up = Direction {
+        meters: meters.upstream,
+        total: &up_total,
+        activity: &activity,
+        first_eof: &first_eof,
+        me: CLIENT_FIRST,
     };
+    let down = Direction {
+        meters: meters.downstream,
+        total: &down_total,
+        activity: &activity,
+        first_eof: &first_eof,
+        me: BACKEND_FIRST,
+    };
+    // Both directions only need shared references: readiness and the
+    // non-blocking syscalls take `&TcpStream`.
+    let (c, b) = (&*client, &*backend);
+    let both = async { tokio::try_join!(pump(c, b, &up), pump(b, c, &down)).map(|_| ()) };
+    let end = until_idle(both, &activity, idle, &first_eof).await;
     if matches!(end, End::Reset | End::IdleTimeout) {
         reset(client);
         reset(backend);
@@ -119,47 +115,83 @@ pub async fn forward(
     }
 }
 
+/// Run `both` directions to completion unless nothing moves for `idle`.
+async fn until_idle(
+    both: impl Future<Output = io::Result<()>>,
+    activity: &Activity,
+    idle: Duration,
+    first_eof: &AtomicU8,
+) -> End {
+    tokio::select! {
+        r = both => match r {
+            Ok(()) if first_eof.load(Relaxed) == BACKEND_FIRST => End::BackendClose,
+            Ok(()) => End::ClientClose,
+            Err(_) => End::Reset,
+        },
+        _ = activity.idle_for(idle) => End::IdleTimeout,
+    }
+}
+
 /// Make the next close of `stream` send RST instead of FIN. (A zero linger
 /// never blocks on close, unlike the non-zero lingers tokio warns about.)
 pub fn reset(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
-/// Copy one direction until EOF, then pass the EOF on as a write shutdown.
-async fn pipe<R, W>(
-    r: &mut R,
-    w: &mut W,
-    meters: [&AtomicU64; 2],
-    total: &AtomicU64,
-    activity: &Activity,
-    first_eof: &AtomicU8,
-    me: u8,
-) -> io::Result<()>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buf = vec![0u8; BUF_SIZE];
+/// What one transfer round did.
+enum Moved {
+    /// Some bytes went from source to destination (already counted).
+    Bytes,
+    /// The source had nothing after all; wait for readiness again.
+    Nothing,
+    /// The source sent FIN.
+    Eof,
+}
+
+/// Move one direction until EOF, then pass the EOF on as a write shutdown.
+/// An error (a reset on either socket) ends it with `Err`.
+async fn pump(src: &TcpStream, dst: &TcpStream, dir: &Direction<'_>) -> io::Result<()> {
     loop {
-        let n = r.read(&mut buf).await?;
-        if n == 0 {
+        src.readable().await?;
+        if let Moved::Eof = transfer(src, dst, dir).await? {
             break;
         }
-        w.write_all(&buf[..n]).await?;
-        count(meters, total, activity, n);
     }
-    let _ = first_eof.compare_exchange(NONE_CLOSED, me, Relaxed, Relaxed);
+    let _ = dir
+        .first_eof
+        .compare_exchange(NONE_CLOSED, dir.me, Relaxed, Relaxed);
     // The peer may already be gone; the other direction reports that.
-    let _ = w.shutdown().await;
+    let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
     Ok(())
 }
 
-fn count(meters: [&AtomicU64; 2], total: &AtomicU64, activity: &Activity, n: usize) {
-    let n = n as u64;
-    meters[0].fetch_add(n, Relaxed);
-    meters[1].fetch_add(n, Relaxed);
-    total.fetch_add(n, Relaxed);
-    activity.touch();
+/// One round: zero-copy on Linux when a pipe is available, copying otherwise.
+async fn transfer(src: &TcpStream, dst: &TcpStream, dir: &Direction<'_>) -> io::Result<Moved> {
+    #[cfg(target_os = "linux")]
+    if let Some(pipe) = splice::Pipe::take() {
+        return splice::transfer(pipe, src, dst, dir).await;
+    }
+    copy::transfer(src, dst, dir).await
+}
+
+/// One direction's accounting: where its bytes are counted, and which end
+/// of the connection its EOF stands for.
+struct Direction<'a> {
+    meters: [&'a AtomicU64; 2],
+    total: &'a AtomicU64,
+    activity: &'a Activity,
+    first_eof: &'a AtomicU8,
+    me: u8,
+}
+
+impl Direction<'_> {
+    fn count(&self, n: usize) {
+        let n = n as u64;
+        self.meters[0].fetch_add(n, Relaxed);
+        self.meters[1].fetch_add(n, Relaxed);
+        self.total.fetch_add(n, Relaxed);
+        self.activity.touch();
+    }
 }
 
 /// When data last moved, in milliseconds since the connection started.
