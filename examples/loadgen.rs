@@ -165,13 +165,13 @@ async fn echo_tcp(mut s: TcpStream) {
 async fn rr(addr: SocketAddr, conns: usize, size: usize, dur: Duration) -> String {
     let start = Instant::now() + WARMUP;
     let end = start + dur;
-    let errors = Arc::new(AtomicU64::new(0));
+    let (errors, total) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let mut tasks = Vec::new();
     for _ in 0..conns {
-        let errors = errors.clone();
+        let (errors, total) = (errors.clone(), total.clone());
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::with_capacity(100_000);
-            if rr_conn(addr, size, start, end, &mut lat).await.is_err() {
+            if rr_conn(addr, size, (start, end), &mut lat, &total).await.is_err() {
                 errors.fetch_add(1, Relaxed);
             }
             lat
@@ -183,19 +183,22 @@ async fn rr(addr: SocketAddr, conns: usize, size: usize, dur: Duration) -> Strin
     }
     let rate = all.len() as f64 / dur.as_secs_f64();
     format!(
-        "{{\"rate\":{rate:.1},\"p50_us\":{:.1},\"p99_us\":{:.1},\"errors\":{}}}",
+        "{{\"rate\":{rate:.1},\"p50_us\":{:.1},\"p99_us\":{:.1},\"errors\":{},\"total\":{}}}",
         pct(&mut all, 0.50),
         pct(&mut all, 0.99),
-        errors.load(Relaxed)
+        errors.load(Relaxed),
+        total.load(Relaxed)
     )
 }
 
+/// One connection's request loop; latencies are kept inside `window`,
+/// every completed request is added to `total`.
 async fn rr_conn(
     addr: SocketAddr,
     size: usize,
-    start: Instant,
-    end: Instant,
+    (start, end): (Instant, Instant),
     lat: &mut Vec<u32>,
+    total: &AtomicU64,
 ) -> std::io::Result<()> {
     let mut s = TcpStream::connect(addr).await?;
     s.set_nodelay(true)?;
@@ -208,6 +211,7 @@ async fn rr_conn(
         }
         s.write_all(&req).await?;
         s.read_exact(&mut resp).await?;
+        total.fetch_add(1, Relaxed);
         if t0 >= start {
             lat.push(t0.elapsed().as_nanos().min(u32::MAX as u128) as u32);
         }
@@ -230,10 +234,10 @@ fn pct(v: &mut [u32], q: f64) -> f64 {
 async fn connrate(addr: SocketAddr, conns: usize, size: usize, dur: Duration) -> String {
     let start = Instant::now() + WARMUP;
     let end = start + dur;
-    let (ok, errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let counters: Arc<[AtomicU64; 3]> = Arc::new(Default::default());
     let mut tasks = Vec::new();
     for _ in 0..conns {
-        let (ok, errors) = (ok.clone(), errors.clone());
+        let counters = counters.clone();
         tasks.push(tokio::spawn(async move {
             let (mut buf, msg) = (vec![0u8; size], vec![b'c'; size]);
             loop {
@@ -241,12 +245,17 @@ async fn connrate(addr: SocketAddr, conns: usize, size: usize, dur: Duration) ->
                 if t0 >= end {
                     return;
                 }
-                let counter = match one_connection(addr, &msg, &mut buf).await {
-                    Ok(()) => &ok,
-                    Err(_) => &errors,
-                };
-                if t0 >= start {
-                    counter.fetch_add(1, Relaxed);
+                // [ok in the window, errors, ok in all]
+                match one_connection(addr, &msg, &mut buf).await {
+                    Ok(()) => {
+                        counters[2].fetch_add(1, Relaxed);
+                        if t0 >= start {
+                            counters[0].fetch_add(1, Relaxed);
+                        }
+                    }
+                    Err(_) => {
+                        counters[1].fetch_add(1, Relaxed);
+                    }
                 }
             }
         }));
@@ -254,8 +263,13 @@ async fn connrate(addr: SocketAddr, conns: usize, size: usize, dur: Duration) ->
     for t in tasks {
         let _ = t.await;
     }
+    let [ok, errors, total] = &*counters;
     let rate = ok.load(Relaxed) as f64 / dur.as_secs_f64();
-    format!("{{\"rate\":{rate:.1},\"errors\":{}}}", errors.load(Relaxed))
+    format!(
+        "{{\"rate\":{rate:.1},\"errors\":{},\"total\":{}}}",
+        errors.load(Relaxed),
+        total.load(Relaxed)
+    )
 }
 
 async fn one_connection(addr: SocketAddr, msg: &[u8], buf: &mut [u8]) -> std::io::Result<()> {
