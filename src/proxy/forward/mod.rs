@@ -7,20 +7,19 @@
 //! - No traffic in either direction for `idle` closes both.
 //! - Byte counters advance as data moves, not when the connection ends.
 //!
-//! Each direction waits for readiness first and only then borrows what it
-//! moves bytes through, so an idle connection holds no buffer. On Linux that
-//! is a pipe from a small per-thread pool, and the bytes go socket -> pipe ->
-//! socket with splice(2), never through user space ([`splice`]); elsewhere,
-//! or when no pipe can be had, a buffer and read/write ([`copy`]).
+//! Each direction ([`pump`]) waits for readiness first and only then moves
+//! bytes: small ones through a stack buffer, bulk ones on Linux through a
+//! pipe borrowed from a per-thread pool with splice(2) ([`splice`]), so
+//! payload never enters user space. Nothing is held by an idle connection.
 
-mod copy;
+mod pump;
 #[cfg(target_os = "linux")]
 mod splice;
 
-use std::future::Future;
+use std::future::{poll_fn, Future};
 use std::io;
-use std::net::Shutdown;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
@@ -100,9 +99,19 @@ pub async fn forward(
         me: BACKEND_FIRST,
     };
     // Both directions only need shared references: readiness and the
-    // non-blocking syscalls take `&TcpStream`.
+    // non-blocking syscalls take `&TcpStream`. One hand-written poll for
+    // both keeps the connection's state small (no per-direction futures).
     let (c, b) = (&*client, &*backend);
-    let both = async { tokio::try_join!(pump(c, b, &up), pump(b, c, &down)).map(|_| ()) };
+    let (mut up_pump, mut down_pump) = (pump::Pump::new(), pump::Pump::new());
+    let both = poll_fn(|cx| {
+        let u = up_pump.poll(cx, c, b, &up)?;
+        let d = down_pump.poll(cx, b, c, &down)?;
+        if u.is_ready() && d.is_ready() {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    });
     let end = until_idle(both, &activity, idle, &first_eof).await;
     if matches!(end, End::Reset | End::IdleTimeout) {
         reset(client);
@@ -136,42 +145,6 @@ async fn until_idle(
 /// never blocks on close, unlike the non-zero lingers tokio warns about.)
 pub fn reset(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
-}
-
-/// What one transfer round did.
-enum Moved {
-    /// Some bytes went from source to destination (already counted).
-    Bytes,
-    /// The source had nothing after all; wait for readiness again.
-    Nothing,
-    /// The source sent FIN.
-    Eof,
-}
-
-/// Move one direction until EOF, then pass the EOF on as a write shutdown.
-/// An error (a reset on either socket) ends it with `Err`.
-async fn pump(src: &TcpStream, dst: &TcpStream, dir: &Direction<'_>) -> io::Result<()> {
-    loop {
-        src.readable().await?;
-        if let Moved::Eof = transfer(src, dst, dir).await? {
-            break;
-        }
-    }
-    let _ = dir
-        .first_eof
-        .compare_exchange(NONE_CLOSED, dir.me, Relaxed, Relaxed);
-    // The peer may already be gone; the other direction reports that.
-    let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
-    Ok(())
-}
-
-/// One round: zero-copy on Linux when a pipe is available, copying otherwise.
-async fn transfer(src: &TcpStream, dst: &TcpStream, dir: &Direction<'_>) -> io::Result<Moved> {
-    #[cfg(target_os = "linux")]
-    if let Some(pipe) = splice::Pipe::take() {
-        return splice::transfer(pipe, src, dst, dir).await;
-    }
-    copy::transfer(src, dst, dir).await
 }
 
 /// One direction's accounting: where its bytes are counted, and which end

@@ -1,8 +1,7 @@
-//! Zero-copy transfer on Linux: socket -> pipe -> socket with splice(2), so
+//! Zero-copy rounds on Linux: socket -> pipe -> socket with splice(2), so
 //! payload bytes never enter user space. A pipe is borrowed from a small
-//! per-thread pool for one round (fill from the source, drain into the
-//! destination) and returned empty; a connection holds one only while its
-//! bytes are in flight, never while idle.
+//! per-thread pool for one round and returned empty; a connection holds one
+//! only while its bytes are in flight, never while idle.
 
 use std::cell::RefCell;
 use std::io;
@@ -11,7 +10,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-use super::{Direction, Moved};
+use super::pump::{Held, Round};
+use super::Direction;
 
 /// Pipe capacity asked for with F_SETPIPE_SZ (the default is 64 KiB); a
 /// larger pipe moves more per syscall on bulk transfers and costs memory
@@ -35,7 +35,7 @@ pub(super) struct Pipe {
 impl Pipe {
     /// An empty pipe from this thread's pool, or a new one; `None` if the
     /// kernel refuses (descriptor limit): the caller then copies instead.
-    pub(super) fn take() -> Option<Pipe> {
+    fn take() -> Option<Pipe> {
         POOL.with(|p| p.borrow_mut().pop()).or_else(Pipe::new)
     }
 
@@ -56,7 +56,7 @@ impl Pipe {
     }
 
     /// Give an empty pipe back to this thread's pool.
-    fn give_back(self) {
+    pub(super) fn give_back(self) {
         POOL.with(|p| {
             let mut p = p.borrow_mut();
             if p.len() < POOL_MAX {
@@ -66,49 +66,57 @@ impl Pipe {
     }
 }
 
-/// Splice what `src` has (it was just reported readable) into `pipe`, then
-/// all of it out to `dst`, counting bytes as they leave.
-pub(super) async fn transfer(
-    pipe: Pipe,
-    src: &TcpStream,
-    dst: &TcpStream,
-    dir: &Direction<'_>,
-) -> io::Result<Moved> {
+/// Splice what `src` has into a pipe and as much as `dst` takes out of it.
+/// `None` when no pipe could be had (the caller copies instead).
+pub(super) fn round(src: &TcpStream, dst: &TcpStream, dir: &Direction<'_>) -> Option<io::Result<Round>> {
+    let pipe = Pipe::take()?;
     let filled = src.try_io(Interest::READABLE, || {
         splice(src.as_raw_fd(), pipe.write.as_raw_fd(), CHUNK)
     });
     let n = match filled {
         Ok(0) => {
             pipe.give_back();
-            return Ok(Moved::Eof);
+            return Some(Ok(Round::Eof));
         }
         Ok(n) => n,
         Err(e) => {
             // Nothing entered the pipe: it is still empty.
             pipe.give_back();
-            return match e.kind() {
-                io::ErrorKind::WouldBlock => Ok(Moved::Nothing),
+            return Some(match e.kind() {
+                io::ErrorKind::WouldBlock => Ok(Round::Nothing),
                 _ => Err(e),
-            };
+            });
         }
     };
-    let mut left = n;
-    while left > 0 {
-        // On error the pipe still holds bytes: it is dropped (closed) here.
-        dst.writable().await?;
-        match dst.try_io(Interest::WRITABLE, || {
-            splice(pipe.read.as_raw_fd(), dst.as_raw_fd(), left)
-        }) {
+    let mut held = Held::Pipe { pipe, left: n };
+    Some(match held.flush(dst, dir) {
+        Ok(true) => {
+            held.release();
+            Ok(Round::Moved(n, None))
+        }
+        Ok(false) => Ok(Round::Moved(n, Some(held))),
+        // The pipe still holds bytes: it is dropped (closed), not pooled.
+        Err(e) => Err(e),
+    })
+}
+
+/// Splice the pipe's `left` bytes into `dst` until done (true) or `dst` is
+/// full (false).
+pub(super) fn drain(pipe: &Pipe, left: &mut usize, dst: &TcpStream, dir: &Direction<'_>) -> io::Result<bool> {
+    while *left > 0 {
+        let r = dst.try_io(Interest::WRITABLE, || {
+            splice(pipe.read.as_raw_fd(), dst.as_raw_fd(), *left)
+        });
+        match r {
             Ok(m) => {
-                left -= m;
+                *left -= m;
                 dir.count(m);
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
             Err(e) => return Err(e),
         }
     }
-    pipe.give_back();
-    Ok(Moved::Bytes)
+    Ok(true)
 }
 
 /// One non-blocking splice(2) of up to `len` bytes from `from` to `to`.
