@@ -17,13 +17,15 @@ mod pump;
 mod splice;
 
 use std::future::{poll_fn, Future};
-use std::io;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
-use std::task::Poll;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
+
+use pump::Pump;
 
 /// How a forwarded connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,10 +68,6 @@ pub struct Outcome {
     pub end: End,
 }
 
-const NONE_CLOSED: u8 = 0;
-const CLIENT_FIRST: u8 = 1;
-const BACKEND_FIRST: u8 = 2;
-
 /// Forward between `client` and `backend` until both directions end, one
 /// side resets, or the connection is idle for `idle`.
 pub async fn forward(
@@ -78,67 +76,78 @@ pub async fn forward(
     idle: Duration,
     meters: Meters<'_>,
 ) -> Outcome {
-    let activity = Activity {
-        start: Instant::now(),
-        last_ms: AtomicU64::new(0),
-    };
-    let first_eof = AtomicU8::new(NONE_CLOSED);
-    let (up_total, down_total) = (AtomicU64::new(0), AtomicU64::new(0));
-    let up = Direction {
-        meters: meters.upstream,
-        total: &up_total,
-        activity: &activity,
-        first_eof: &first_eof,
-        me: CLIENT_FIRST,
-    };
-    let down = Direction {
-        meters: meters.downstream,
-        total: &down_total,
-        activity: &activity,
-        first_eof: &first_eof,
-        me: BACKEND_FIRST,
-    };
     // Both directions only need shared references: readiness and the
-    // non-blocking syscalls take `&TcpStream`. One hand-written poll for
-    // both keeps the connection's state small (no per-direction futures).
+    // non-blocking syscalls take `&TcpStream`. One hand-written poll drives
+    // both directions and the idle timer, which keeps the connection's state
+    // to a few hundred bytes (no per-direction futures or waiters).
     let (c, b) = (&*client, &*backend);
-    let (mut up_pump, mut down_pump) = (pump::Pump::new(), pump::Pump::new());
-    let both = poll_fn(|cx| {
-        let u = up_pump.poll(cx, c, b, &up)?;
-        let d = down_pump.poll(cx, b, c, &down)?;
-        if u.is_ready() && d.is_ready() {
-            Poll::Ready(Ok(()))
-        } else {
-            Poll::Pending
+    let mut up = Pump::new(meters.upstream);
+    let mut down = Pump::new(meters.downstream);
+    let mut first = None;
+    let mut last = Instant::now();
+    let sleep = tokio::time::sleep(idle);
+    tokio::pin!(sleep);
+    let end = poll_fn(|cx| {
+        let r = step(cx, (c, b), (&mut up, &mut down), &mut first);
+        if up.take_moved() | down.take_moved() {
+            last = Instant::now();
         }
-    });
-    let end = until_idle(both, &activity, idle, &first_eof).await;
+        match r {
+            Poll::Ready(end) => Poll::Ready(end),
+            Poll::Pending => idle_check(cx, sleep.as_mut(), last, idle),
+        }
+    })
+    .await;
     if matches!(end, End::Reset | End::IdleTimeout) {
         reset(client);
         reset(backend);
     }
     Outcome {
-        to_backend: up_total.load(Relaxed),
-        to_client: down_total.load(Relaxed),
+        to_backend: up.total(),
+        to_client: down.total(),
         end,
     }
 }
 
-/// Run `both` directions to completion unless nothing moves for `idle`.
-async fn until_idle(
-    both: impl Future<Output = io::Result<()>>,
-    activity: &Activity,
-    idle: Duration,
-    first_eof: &AtomicU8,
-) -> End {
-    tokio::select! {
-        r = both => match r {
-            Ok(()) if first_eof.load(Relaxed) == BACKEND_FIRST => End::BackendClose,
-            Ok(()) => End::ClientClose,
-            Err(_) => End::Reset,
-        },
-        _ = activity.idle_for(idle) => End::IdleTimeout,
+/// Poll both directions; `first` remembers which side closed first.
+fn step(
+    cx: &mut Context<'_>,
+    (c, b): (&TcpStream, &TcpStream),
+    (up, down): (&mut Pump<'_>, &mut Pump<'_>),
+    first: &mut Option<End>,
+) -> Poll<End> {
+    let Poll::Ready(u) = up.poll(cx, c, b).map(|r| r.is_ok()) else {
+        return match down.poll(cx, b, c) {
+            Poll::Ready(Err(_)) => Poll::Ready(End::Reset),
+            Poll::Ready(Ok(())) => {
+                first.get_or_insert(End::BackendClose);
+                Poll::Pending
+            }
+            Poll::Pending => Poll::Pending,
+        };
+    };
+    if !u {
+        return Poll::Ready(End::Reset);
     }
+    first.get_or_insert(End::ClientClose);
+    match down.poll(cx, b, c) {
+        Poll::Ready(Err(_)) => Poll::Ready(End::Reset),
+        Poll::Ready(Ok(())) => Poll::Ready(first.unwrap_or(End::ClientClose)),
+        Poll::Pending => Poll::Pending,
+    }
+}
+
+/// Ready(IdleTimeout) once nothing has moved for `idle` since `last`. The
+/// timer is only re-armed when it fires, not on every byte.
+fn idle_check(cx: &mut Context<'_>, mut sleep: Pin<&mut Sleep>, last: Instant, idle: Duration) -> Poll<End> {
+    while sleep.as_mut().poll(cx).is_ready() {
+        let next = last + idle;
+        if next <= Instant::now() {
+            return Poll::Ready(End::IdleTimeout);
+        }
+        sleep.as_mut().reset(next);
+    }
+    Poll::Pending
 }
 
 /// Make the next close of `stream` send RST instead of FIN. (A zero linger
@@ -147,48 +156,20 @@ pub fn reset(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
-/// One direction's accounting: where its bytes are counted, and which end
-/// of the connection its EOF stands for.
-struct Direction<'a> {
+/// One direction's byte count: the shared meters, its own total, and
+/// whether anything moved since the idle clock last looked.
+struct Tally<'a> {
     meters: [&'a AtomicU64; 2],
-    total: &'a AtomicU64,
-    activity: &'a Activity,
-    first_eof: &'a AtomicU8,
-    me: u8,
+    total: u64,
+    moved: bool,
 }
 
-impl Direction<'_> {
-    fn count(&self, n: usize) {
+impl Tally<'_> {
+    fn count(&mut self, n: usize) {
         let n = n as u64;
         self.meters[0].fetch_add(n, Relaxed);
         self.meters[1].fetch_add(n, Relaxed);
-        self.total.fetch_add(n, Relaxed);
-        self.activity.touch();
-    }
-}
-
-/// When data last moved, in milliseconds since the connection started.
-struct Activity {
-    start: Instant,
-    last_ms: AtomicU64,
-}
-
-impl Activity {
-    fn touch(&self) {
-        self.last_ms
-            .store(self.start.elapsed().as_millis() as u64, Relaxed);
-    }
-
-    /// Resolves once nothing has moved for `idle`.
-    async fn idle_for(&self, idle: Duration) {
-        let mut deadline = self.start + idle;
-        loop {
-            tokio::time::sleep_until(deadline).await;
-            let next = self.start + Duration::from_millis(self.last_ms.load(Relaxed)) + idle;
-            if next <= Instant::now() {
-                return;
-            }
-            deadline = next;
-        }
+        self.total += n;
+        self.moved = true;
     }
 }

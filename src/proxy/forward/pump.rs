@@ -12,14 +12,14 @@
 use std::cell::RefCell;
 use std::io;
 use std::net::Shutdown;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::AtomicU64;
 use std::task::{ready, Context, Poll};
 
 use tokio::net::TcpStream;
 
 #[cfg(target_os = "linux")]
 use super::splice::{self, Pipe};
-use super::{Direction, NONE_CLOSED};
+use super::Tally;
 
 /// Bytes read per copying round (on the stack).
 const BUF_SIZE: usize = 16 * 1024;
@@ -31,10 +31,11 @@ thread_local! {
 }
 
 /// One direction's state.
-pub(super) struct Pump {
+pub(super) struct Pump<'a> {
     state: State,
     /// The last round moved a full buffer or more: use splice next.
     bulk: bool,
+    tally: Tally<'a>,
 }
 
 enum State {
@@ -70,12 +71,28 @@ pub(super) enum Round {
     Moved(usize, Option<Held>),
 }
 
-impl Pump {
-    pub(super) fn new() -> Pump {
+impl<'a> Pump<'a> {
+    /// A direction whose bytes are added to both `meters`.
+    pub(super) fn new(meters: [&'a AtomicU64; 2]) -> Pump<'a> {
         Pump {
             state: State::Read,
             bulk: false,
+            tally: Tally {
+                meters,
+                total: 0,
+                moved: false,
+            },
         }
+    }
+
+    /// Bytes written to the destination so far.
+    pub(super) fn total(&self) -> u64 {
+        self.tally.total
+    }
+
+    /// Whether bytes moved since the last call.
+    pub(super) fn take_moved(&mut self) -> bool {
+        std::mem::take(&mut self.tally.moved)
     }
 
     /// Move bytes from `src` to `dst` until either blocks. Ready(Ok) once
@@ -86,13 +103,12 @@ impl Pump {
         cx: &mut Context<'_>,
         src: &TcpStream,
         dst: &TcpStream,
-        dir: &Direction<'_>,
     ) -> Poll<io::Result<()>> {
         loop {
             match &mut self.state {
                 State::Done => return Poll::Ready(Ok(())),
                 State::Write(held) => {
-                    if held.flush(dst, dir)? {
+                    if held.flush(dst, &mut self.tally)? {
                         if let State::Write(held) = std::mem::replace(&mut self.state, State::Read) {
                             held.release();
                         }
@@ -102,12 +118,9 @@ impl Pump {
                 }
                 State::Read => {
                     ready!(src.poll_read_ready(cx))?;
-                    match self.round(src, dst, dir)? {
+                    match round(self.bulk, src, dst, &mut self.tally)? {
                         Round::Nothing => {}
                         Round::Eof => {
-                            let _ = dir
-                                .first_eof
-                                .compare_exchange(NONE_CLOSED, dir.me, Relaxed, Relaxed);
                             // The peer may already be gone; the other
                             // direction reports that.
                             let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
@@ -124,21 +137,25 @@ impl Pump {
             }
         }
     }
+}
 
-    fn round(&self, src: &TcpStream, dst: &TcpStream, dir: &Direction<'_>) -> io::Result<Round> {
-        #[cfg(target_os = "linux")]
-        if self.bulk {
-            if let Some(r) = splice::round(src, dst, dir) {
-                return r;
-            }
+/// One read round: splice for bulk directions (when a pipe can be had),
+/// copy otherwise.
+fn round(bulk: bool, src: &TcpStream, dst: &TcpStream, tally: &mut Tally<'_>) -> io::Result<Round> {
+    #[cfg(target_os = "linux")]
+    if bulk {
+        if let Some(r) = splice::round(src, dst, tally) {
+            return r;
         }
-        copy_round(src, dst, dir)
     }
+    #[cfg(not(target_os = "linux"))]
+    let _ = bulk;
+    copy_round(src, dst, tally)
 }
 
 /// Read what `src` has into a stack buffer and write as much as `dst`
 /// takes; only a remainder goes to a (pooled) heap buffer.
-fn copy_round(src: &TcpStream, dst: &TcpStream, dir: &Direction<'_>) -> io::Result<Round> {
+fn copy_round(src: &TcpStream, dst: &TcpStream, tally: &mut Tally<'_>) -> io::Result<Round> {
     let mut stack = [0u8; BUF_SIZE];
     let n = match src.try_read(&mut stack) {
         Ok(0) => return Ok(Round::Eof),
@@ -146,7 +163,7 @@ fn copy_round(src: &TcpStream, dst: &TcpStream, dir: &Direction<'_>) -> io::Resu
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Round::Nothing),
         Err(e) => return Err(e),
     };
-    let off = write_some(&stack[..n], dst, dir)?;
+    let off = write_some(&stack[..n], dst, tally)?;
     if off == n {
         return Ok(Round::Moved(n, None));
     }
@@ -165,14 +182,14 @@ fn copy_round(src: &TcpStream, dst: &TcpStream, dir: &Direction<'_>) -> io::Resu
 }
 
 /// Write `bytes` to `dst` until done or it would block; how many went.
-fn write_some(bytes: &[u8], dst: &TcpStream, dir: &Direction<'_>) -> io::Result<usize> {
+fn write_some(bytes: &[u8], dst: &TcpStream, tally: &mut Tally<'_>) -> io::Result<usize> {
     let mut off = 0;
     while off < bytes.len() {
         match dst.try_write(&bytes[off..]) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(m) => {
                 off += m;
-                dir.count(m);
+                tally.count(m);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) => return Err(e),
@@ -184,14 +201,14 @@ fn write_some(bytes: &[u8], dst: &TcpStream, dir: &Direction<'_>) -> io::Result<
 impl Held {
     /// Write what is held into `dst`: true when all of it went, false when
     /// `dst` would block.
-    pub(super) fn flush(&mut self, dst: &TcpStream, dir: &Direction<'_>) -> io::Result<bool> {
+    pub(super) fn flush(&mut self, dst: &TcpStream, tally: &mut Tally<'_>) -> io::Result<bool> {
         match self {
             Held::Buf { buf, off, end } => {
-                *off += write_some(&buf[*off..*end], dst, dir)?;
+                *off += write_some(&buf[*off..*end], dst, tally)?;
                 Ok(off == end)
             }
             #[cfg(target_os = "linux")]
-            Held::Pipe { pipe, left } => splice::drain(pipe, left, dst, dir),
+            Held::Pipe { pipe, left } => splice::drain(pipe, left, dst, tally),
         }
     }
 

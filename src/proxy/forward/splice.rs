@@ -11,7 +11,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use super::pump::{Held, Round};
-use super::Direction;
+use super::Tally;
 
 /// Pipe capacity asked for with F_SETPIPE_SZ (the default is 64 KiB); a
 /// larger pipe moves more per syscall on bulk transfers and costs memory
@@ -68,7 +68,7 @@ impl Pipe {
 
 /// Splice what `src` has into a pipe and as much as `dst` takes out of it.
 /// `None` when no pipe could be had (the caller copies instead).
-pub(super) fn round(src: &TcpStream, dst: &TcpStream, dir: &Direction<'_>) -> Option<io::Result<Round>> {
+pub(super) fn round(src: &TcpStream, dst: &TcpStream, tally: &mut Tally<'_>) -> Option<io::Result<Round>> {
     let pipe = Pipe::take()?;
     let filled = src.try_io(Interest::READABLE, || {
         splice(src.as_raw_fd(), pipe.write.as_raw_fd(), CHUNK)
@@ -89,7 +89,7 @@ pub(super) fn round(src: &TcpStream, dst: &TcpStream, dir: &Direction<'_>) -> Op
         }
     };
     let mut held = Held::Pipe { pipe, left: n };
-    Some(match held.flush(dst, dir) {
+    Some(match held.flush(dst, tally) {
         Ok(true) => {
             held.release();
             Ok(Round::Moved(n, None))
@@ -102,7 +102,12 @@ pub(super) fn round(src: &TcpStream, dst: &TcpStream, dir: &Direction<'_>) -> Op
 
 /// Splice the pipe's `left` bytes into `dst` until done (true) or `dst` is
 /// full (false).
-pub(super) fn drain(pipe: &Pipe, left: &mut usize, dst: &TcpStream, dir: &Direction<'_>) -> io::Result<bool> {
+pub(super) fn drain(
+    pipe: &Pipe,
+    left: &mut usize,
+    dst: &TcpStream,
+    tally: &mut Tally<'_>,
+) -> io::Result<bool> {
     while *left > 0 {
         let r = dst.try_io(Interest::WRITABLE, || {
             splice(pipe.read.as_raw_fd(), dst.as_raw_fd(), *left)
@@ -110,7 +115,7 @@ pub(super) fn drain(pipe: &Pipe, left: &mut usize, dst: &TcpStream, dir: &Direct
         match r {
             Ok(m) => {
                 *left -= m;
-                dir.count(m);
+                tally.count(m);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
             Err(e) => return Err(e),
