@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
@@ -76,19 +77,20 @@ pub async fn forward(
     idle: Duration,
     meters: Meters<'_>,
 ) -> Outcome {
-    // Both directions only need shared references: readiness and the
-    // non-blocking syscalls take `&TcpStream`. One hand-written poll drives
+    // One hand-written poll drives
     // both directions and the idle timer, which keeps the connection's state
     // to a few hundred bytes (no per-direction futures or waiters).
-    let (c, b) = (&*client, &*backend);
     let mut up = Pump::new(meters.upstream);
     let mut down = Pump::new(meters.downstream);
     let mut first = None;
     let mut last = Instant::now();
     let sleep = tokio::time::sleep(idle);
     tokio::pin!(sleep);
+    let (mut cr, mut cw) = client.split();
+    let (mut br, mut bw) = backend.split();
     let end = poll_fn(|cx| {
-        let r = step(cx, (c, b), (&mut up, &mut down), &mut first);
+        let halves = (&mut cr, &mut cw, &mut br, &mut bw);
+        let r = step(cx, halves, (&mut up, &mut down), &mut first);
         if up.take_moved() | down.take_moved() {
             last = Instant::now();
         }
@@ -109,15 +111,23 @@ pub async fn forward(
     }
 }
 
+/// Client read and write halves, then the backend's.
+type Halves<'a, 'b> = (
+    &'a mut ReadHalf<'b>,
+    &'a mut WriteHalf<'b>,
+    &'a mut ReadHalf<'b>,
+    &'a mut WriteHalf<'b>,
+);
+
 /// Poll both directions; `first` remembers which side closed first.
 fn step(
     cx: &mut Context<'_>,
-    (c, b): (&TcpStream, &TcpStream),
+    (cr, cw, br, bw): Halves<'_, '_>,
     (up, down): (&mut Pump<'_>, &mut Pump<'_>),
     first: &mut Option<End>,
 ) -> Poll<End> {
-    let Poll::Ready(u) = up.poll(cx, c, b).map(|r| r.is_ok()) else {
-        return match down.poll(cx, b, c) {
+    let Poll::Ready(u) = up.poll(cx, cr, bw, down.is_done()).map(|r| r.is_ok()) else {
+        return match down.poll(cx, br, cw, false) {
             Poll::Ready(Err(_)) => Poll::Ready(End::Reset),
             Poll::Ready(Ok(())) => {
                 first.get_or_insert(End::BackendClose);
@@ -130,7 +140,7 @@ fn step(
         return Poll::Ready(End::Reset);
     }
     first.get_or_insert(End::ClientClose);
-    match down.poll(cx, b, c) {
+    match down.poll(cx, br, cw, true) {
         Poll::Ready(Err(_)) => Poll::Ready(End::Reset),
         Poll::Ready(Ok(())) => Poll::Ready(first.unwrap_or(End::ClientClose)),
         Poll::Pending => Poll::Pending,

@@ -6,16 +6,20 @@
 //! read/write: for a few hundred bytes that is cheaper than splice. Once a
 //! read fills the whole buffer the direction is moving bulk data and (on
 //! Linux) switches to splice(2); it switches back when a round moves little.
-//! Waiting uses the streams' `poll_*_ready`, which keep no waiter in the
-//! connection's state, so an idle direction is a few bytes.
+//! Waiting uses the stream halves' poll functions, which keep no waiter in
+//! the connection's state, so an idle direction is a few bytes; a short read
+//! tells tokio the socket is drained, which saves a read that would block.
 
 use std::cell::RefCell;
 use std::io;
+use std::mem::MaybeUninit;
 use std::net::Shutdown;
+use std::pin::Pin;
 use std::sync::atomic::AtomicU64;
 use std::task::{ready, Context, Poll};
 
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 
 #[cfg(target_os = "linux")]
 use super::splice::{self, Pipe};
@@ -63,7 +67,7 @@ pub(super) enum Held {
 
 /// What one read round did.
 pub(super) enum Round {
-    /// The source had nothing after all.
+    /// The source had nothing after all (splice rounds only).
     Nothing,
     /// The source sent FIN.
     Eof,
@@ -95,45 +99,48 @@ impl<'a> Pump<'a> {
         std::mem::take(&mut self.tally.moved)
     }
 
+    /// Whether this direction has passed its EOF on.
+    pub(super) fn is_done(&self) -> bool {
+        matches!(self.state, State::Done)
+    }
+
     /// Move bytes from `src` to `dst` until either blocks. Ready(Ok) once
-    /// the source's EOF was passed on as a write shutdown; Ready(Err) on an
-    /// error (a reset) on either socket.
+    /// the source's EOF was passed on; Ready(Err) on an error (a reset) on
+    /// either socket. When `other_done`, the connection is about to be
+    /// closed, which sends the FIN: the write shutdown is skipped.
     pub(super) fn poll(
         &mut self,
         cx: &mut Context<'_>,
-        src: &TcpStream,
-        dst: &TcpStream,
+        src: &mut ReadHalf<'_>,
+        dst: &mut WriteHalf<'_>,
+        other_done: bool,
     ) -> Poll<io::Result<()>> {
         loop {
             match &mut self.state {
                 State::Done => return Poll::Ready(Ok(())),
                 State::Write(held) => {
-                    if held.flush(dst, &mut self.tally)? {
-                        if let State::Write(held) = std::mem::replace(&mut self.state, State::Read) {
-                            held.release();
-                        }
-                    } else {
-                        ready!(dst.poll_write_ready(cx))?;
+                    ready!(held.flush(cx, dst, &mut self.tally))?;
+                    if let State::Write(held) = std::mem::replace(&mut self.state, State::Read) {
+                        held.release();
                     }
                 }
-                State::Read => {
-                    ready!(src.poll_read_ready(cx))?;
-                    match round(self.bulk, src, dst, &mut self.tally)? {
-                        Round::Nothing => {}
-                        Round::Eof => {
+                State::Read => match ready!(round(cx, self.bulk, src, dst, &mut self.tally))? {
+                    Round::Nothing => {}
+                    Round::Eof => {
+                        if !other_done {
                             // The peer may already be gone; the other
                             // direction reports that.
-                            let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
-                            self.state = State::Done;
+                            let _ = socket2::SockRef::from(dst.as_ref()).shutdown(Shutdown::Write);
                         }
-                        Round::Moved(n, held) => {
-                            self.bulk = n >= BUF_SIZE;
-                            if let Some(held) = held {
-                                self.state = State::Write(held);
-                            }
+                        self.state = State::Done;
+                    }
+                    Round::Moved(n, held) => {
+                        self.bulk = n >= BUF_SIZE;
+                        if let Some(held) = held {
+                            self.state = State::Write(held);
                         }
                     }
-                }
+                },
             }
         }
     }
@@ -141,74 +148,104 @@ impl<'a> Pump<'a> {
 
 /// One read round: splice for bulk directions (when a pipe can be had),
 /// copy otherwise.
-fn round(bulk: bool, src: &TcpStream, dst: &TcpStream, tally: &mut Tally<'_>) -> io::Result<Round> {
+fn round(
+    cx: &mut Context<'_>,
+    bulk: bool,
+    src: &mut ReadHalf<'_>,
+    dst: &mut WriteHalf<'_>,
+    tally: &mut Tally<'_>,
+) -> Poll<io::Result<Round>> {
     #[cfg(target_os = "linux")]
     if bulk {
-        if let Some(r) = splice::round(src, dst, tally) {
-            return r;
+        ready!(src.as_ref().poll_read_ready(cx))?;
+        if let Some(r) = splice::round(src.as_ref(), dst.as_ref(), tally) {
+            return Poll::Ready(r);
         }
     }
     #[cfg(not(target_os = "linux"))]
     let _ = bulk;
-    copy_round(src, dst, tally)
+    copy_round(cx, src, dst, tally)
 }
 
-/// Read what `src` has into a stack buffer and write as much as `dst`
-/// takes; only a remainder goes to a (pooled) heap buffer.
-fn copy_round(src: &TcpStream, dst: &TcpStream, tally: &mut Tally<'_>) -> io::Result<Round> {
-    let mut stack = [0u8; BUF_SIZE];
-    let n = match src.try_read(&mut stack) {
-        Ok(0) => return Ok(Round::Eof),
-        Ok(n) => n,
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Round::Nothing),
-        Err(e) => return Err(e),
-    };
-    let off = write_some(&stack[..n], dst, tally)?;
+/// Read what `src` has into an (uninitialised) stack buffer and write as
+/// much as `dst` takes; only a remainder goes to a pooled heap buffer.
+fn copy_round(
+    cx: &mut Context<'_>,
+    src: &mut ReadHalf<'_>,
+    dst: &mut WriteHalf<'_>,
+    tally: &mut Tally<'_>,
+) -> Poll<io::Result<Round>> {
+    let mut stack = [MaybeUninit::<u8>::uninit(); BUF_SIZE];
+    let mut rb = ReadBuf::uninit(&mut stack);
+    ready!(Pin::new(&mut *src).poll_read(cx, &mut rb))?;
+    let bytes = rb.filled();
+    let n = bytes.len();
+    if n == 0 {
+        return Poll::Ready(Ok(Round::Eof));
+    }
+    let off = write_some(cx, bytes, dst, tally)?;
     if off == n {
-        return Ok(Round::Moved(n, None));
+        return Poll::Ready(Ok(Round::Moved(n, None)));
     }
     let mut buf = BUFS
         .with(|b| b.borrow_mut().pop())
         .unwrap_or_else(|| vec![0; BUF_SIZE]);
-    buf[..n - off].copy_from_slice(&stack[off..n]);
-    Ok(Round::Moved(
-        n,
-        Some(Held::Buf {
-            buf,
-            off: 0,
-            end: n - off,
-        }),
-    ))
+    buf[..n - off].copy_from_slice(&bytes[off..]);
+    let held = Held::Buf {
+        buf,
+        off: 0,
+        end: n - off,
+    };
+    Poll::Ready(Ok(Round::Moved(n, Some(held))))
 }
 
-/// Write `bytes` to `dst` until done or it would block; how many went.
-fn write_some(bytes: &[u8], dst: &TcpStream, tally: &mut Tally<'_>) -> io::Result<usize> {
+/// Write `bytes` to `dst` until done or it would block (the task is then
+/// woken when it can take more); how many went.
+fn write_some(
+    cx: &mut Context<'_>,
+    bytes: &[u8],
+    dst: &mut WriteHalf<'_>,
+    tally: &mut Tally<'_>,
+) -> io::Result<usize> {
     let mut off = 0;
     while off < bytes.len() {
-        match dst.try_write(&bytes[off..]) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(m) => {
+        match Pin::new(&mut *dst).poll_write(cx, &bytes[off..]) {
+            Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+            Poll::Ready(Ok(m)) => {
                 off += m;
                 tally.count(m);
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-            Err(e) => return Err(e),
+            Poll::Ready(Err(e)) => return Err(e),
+            Poll::Pending => break,
         }
     }
     Ok(off)
 }
 
 impl Held {
-    /// Write what is held into `dst`: true when all of it went, false when
-    /// `dst` would block.
-    pub(super) fn flush(&mut self, dst: &TcpStream, tally: &mut Tally<'_>) -> io::Result<bool> {
+    /// Write what is held into `dst`: Ready once all of it went.
+    pub(super) fn flush(
+        &mut self,
+        cx: &mut Context<'_>,
+        dst: &mut WriteHalf<'_>,
+        tally: &mut Tally<'_>,
+    ) -> Poll<io::Result<()>> {
         match self {
             Held::Buf { buf, off, end } => {
-                *off += write_some(&buf[*off..*end], dst, tally)?;
-                Ok(off == end)
+                *off += write_some(cx, &buf[*off..*end], dst, tally)?;
+                if off == end {
+                    Poll::Ready(Ok(()))
+                } else {
+                    Poll::Pending
+                }
             }
             #[cfg(target_os = "linux")]
-            Held::Pipe { pipe, left } => splice::drain(pipe, left, dst, tally),
+            Held::Pipe { pipe, left } => loop {
+                if splice::drain(pipe, left, dst.as_ref(), tally)? {
+                    return Poll::Ready(Ok(()));
+                }
+                ready!(dst.as_ref().poll_write_ready(cx))?;
+            },
         }
     }
 

@@ -88,13 +88,13 @@ pub(super) fn round(src: &TcpStream, dst: &TcpStream, tally: &mut Tally<'_>) -> 
             });
         }
     };
-    let mut held = Held::Pipe { pipe, left: n };
-    Some(match held.flush(dst, tally) {
+    let mut left = n;
+    Some(match drain(&pipe, &mut left, dst, tally) {
         Ok(true) => {
-            held.release();
+            pipe.give_back();
             Ok(Round::Moved(n, None))
         }
-        Ok(false) => Ok(Round::Moved(n, Some(held))),
+        Ok(false) => Ok(Round::Moved(n, Some(Held::Pipe { pipe, left }))),
         // The pipe still holds bytes: it is dropped (closed), not pooled.
         Err(e) => Err(e),
     })
