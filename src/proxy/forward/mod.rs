@@ -77,73 +77,85 @@ pub async fn forward(
     idle: Duration,
     meters: Meters<'_>,
 ) -> Outcome {
-    // One hand-written poll drives
-    // both directions and the idle timer, which keeps the connection's state
-    // to a few hundred bytes (no per-direction futures or waiters).
-    let mut up = Pump::new(meters.upstream);
-    let mut down = Pump::new(meters.downstream);
-    let mut first = None;
-    let mut last = Instant::now();
+    // One hand-written poll drives both directions and the idle timer; all
+    // of it lives in one small struct, which keeps an idle connection's
+    // state to a few hundred bytes (no per-direction futures or waiters).
     let sleep = tokio::time::sleep(idle);
     tokio::pin!(sleep);
-    let (mut cr, mut cw) = client.split();
-    let (mut br, mut bw) = backend.split();
-    let end = poll_fn(|cx| {
-        let halves = (&mut cr, &mut cw, &mut br, &mut bw);
-        let r = step(cx, halves, (&mut up, &mut down), &mut first);
-        if up.take_moved() | down.take_moved() {
-            last = Instant::now();
-        }
-        match r {
-            Poll::Ready(end) => Poll::Ready(end),
-            Poll::Pending => idle_check(cx, sleep.as_mut(), last, idle),
-        }
-    })
-    .await;
+    let (cr, cw) = client.split();
+    let (br, bw) = backend.split();
+    let mut conn = Conn {
+        client: (cr, cw),
+        backend: (br, bw),
+        up: Pump::new(meters.upstream),
+        down: Pump::new(meters.downstream),
+        first: None,
+        last: Instant::now(),
+        idle,
+    };
+    let end = poll_fn(|cx| conn.poll(cx, sleep.as_mut())).await;
+    let (to_backend, to_client) = (conn.up.total(), conn.down.total());
     if matches!(end, End::Reset | End::IdleTimeout) {
         reset(client);
         reset(backend);
     }
     Outcome {
-        to_backend: up.total(),
-        to_client: down.total(),
+        to_backend,
+        to_client,
         end,
     }
 }
 
-/// Client read and write halves, then the backend's.
-type Halves<'a, 'b> = (
-    &'a mut ReadHalf<'b>,
-    &'a mut WriteHalf<'b>,
-    &'a mut ReadHalf<'b>,
-    &'a mut WriteHalf<'b>,
-);
+/// A connection being forwarded.
+struct Conn<'s, 'm> {
+    client: (ReadHalf<'s>, WriteHalf<'s>),
+    backend: (ReadHalf<'s>, WriteHalf<'s>),
+    /// Client -> backend, and backend -> client.
+    up: Pump<'m>,
+    down: Pump<'m>,
+    /// Which side closed first, once one has.
+    first: Option<End>,
+    /// When bytes last moved.
+    last: Instant,
+    idle: Duration,
+}
 
-/// Poll both directions; `first` remembers which side closed first.
-fn step(
-    cx: &mut Context<'_>,
-    (cr, cw, br, bw): Halves<'_, '_>,
-    (up, down): (&mut Pump<'_>, &mut Pump<'_>),
-    first: &mut Option<End>,
-) -> Poll<End> {
-    let Poll::Ready(u) = up.poll(cx, cr, bw, down.is_done()).map(|r| r.is_ok()) else {
-        return match down.poll(cx, br, cw, false) {
-            Poll::Ready(Err(_)) => Poll::Ready(End::Reset),
-            Poll::Ready(Ok(())) => {
-                first.get_or_insert(End::BackendClose);
-                Poll::Pending
-            }
-            Poll::Pending => Poll::Pending,
-        };
-    };
-    if !u {
-        return Poll::Ready(End::Reset);
+impl Conn<'_, '_> {
+    fn poll(&mut self, cx: &mut Context<'_>, sleep: Pin<&mut Sleep>) -> Poll<End> {
+        let r = self.step(cx);
+        if self.up.take_moved() | self.down.take_moved() {
+            self.last = Instant::now();
+        }
+        match r {
+            Poll::Ready(end) => Poll::Ready(end),
+            Poll::Pending => idle_check(cx, sleep, self.last, self.idle),
+        }
     }
-    first.get_or_insert(End::ClientClose);
-    match down.poll(cx, br, cw, true) {
-        Poll::Ready(Err(_)) => Poll::Ready(End::Reset),
-        Poll::Ready(Ok(())) => Poll::Ready(first.unwrap_or(End::ClientClose)),
-        Poll::Pending => Poll::Pending,
+
+    /// Poll both directions.
+    fn step(&mut self, cx: &mut Context<'_>) -> Poll<End> {
+        let (cr, cw) = &mut self.client;
+        let (br, bw) = &mut self.backend;
+        let (up, down) = (&mut self.up, &mut self.down);
+        let Poll::Ready(u) = up.poll(cx, cr, bw, down.is_done()).map(|r| r.is_ok()) else {
+            return match down.poll(cx, br, cw, false) {
+                Poll::Ready(Err(_)) => Poll::Ready(End::Reset),
+                Poll::Ready(Ok(())) => {
+                    self.first.get_or_insert(End::BackendClose);
+                    Poll::Pending
+                }
+                Poll::Pending => Poll::Pending,
+            };
+        };
+        if !u {
+            return Poll::Ready(End::Reset);
+        }
+        let first = *self.first.get_or_insert(End::ClientClose);
+        match down.poll(cx, br, cw, true) {
+            Poll::Ready(Err(_)) => Poll::Ready(End::Reset),
+            Poll::Ready(Ok(())) => Poll::Ready(first),
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 

@@ -31,7 +31,7 @@ const BUF_SIZE: usize = 16 * 1024;
 const POOL_MAX: usize = 16;
 
 thread_local! {
-    static BUFS: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    static BUFS: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
 }
 
 /// One direction's state.
@@ -53,16 +53,11 @@ enum State {
 
 /// Bytes in flight: the only thing a direction holds beyond its state.
 pub(super) enum Held {
-    Buf {
-        buf: Vec<u8>,
-        off: usize,
-        end: usize,
-    },
+    /// `buf[off..end]` is still to be written. (Small fields: this enum is
+    /// part of every connection's state.)
+    Buf { buf: Box<[u8]>, off: u32, end: u32 },
     #[cfg(target_os = "linux")]
-    Pipe {
-        pipe: Pipe,
-        left: usize,
-    },
+    Pipe { pipe: Pipe, left: usize },
 }
 
 /// What one read round did.
@@ -189,12 +184,13 @@ fn copy_round(
     }
     let mut buf = BUFS
         .with(|b| b.borrow_mut().pop())
-        .unwrap_or_else(|| vec![0; BUF_SIZE]);
+        .unwrap_or_else(|| vec![0; BUF_SIZE].into_boxed_slice());
     buf[..n - off].copy_from_slice(&bytes[off..]);
+    // At most BUF_SIZE: it fits a u32.
     let held = Held::Buf {
         buf,
         off: 0,
-        end: n - off,
+        end: (n - off) as u32,
     };
     Poll::Ready(Ok(Round::Moved(n, Some(held))))
 }
@@ -232,7 +228,7 @@ impl Held {
     ) -> Poll<io::Result<()>> {
         match self {
             Held::Buf { buf, off, end } => {
-                *off += write_some(cx, &buf[*off..*end], dst, tally)?;
+                *off += write_some(cx, &buf[*off as usize..*end as usize], dst, tally)? as u32;
                 if off == end {
                     Poll::Ready(Ok(()))
                 } else {
