@@ -7,6 +7,8 @@ mod cli;
 mod common;
 #[path = "observability/prom.rs"]
 mod prom;
+#[path = "observability/udp.rs"]
+mod udp;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
