@@ -18,6 +18,7 @@ pub mod listener;
 pub mod metrics;
 pub mod persistence;
 pub mod proxy;
+pub mod queue;
 pub mod scheduler;
 pub mod stats;
 pub mod status;
@@ -142,6 +143,9 @@ impl Server {
             );
             if spec.backends.is_empty() {
                 warn!(listener = %l.name(), group = %spec.backend_group, "backend group is empty: connections will be dropped");
+            }
+            if spec.queue.is_some() && spec.backends.iter().all(|b| b.max_connections.is_none()) {
+                warn!(listener = %l.name(), group = %spec.backend_group, "queue is set but no backend has max_connections: no connection will ever wait");
             }
             loops.extend(health::spawn_checks(&l, &shutdown));
             loops.push(match socket {

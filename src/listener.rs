@@ -2,19 +2,24 @@
 //! current [`Snapshot`] (spec + eligible backends + scheduler), swapped
 //! atomically whenever the eligible set changes.
 //!
-//! The data path calls [`Listener::candidates`] once per connection (or new
-//! UDP flow) and walks the result: no lock, one `Arc` clone.
+//! The data path calls [`Listener::acquire`] once per connection (or new
+//! UDP flow): the candidates in order of preference, the first with a free
+//! slot wins. No lock, one `Arc` clone. Connections that find every backend
+//! full wait in the listener's [`WaitQueue`], fed by [`Listener::dispatch_queue`].
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
 
-use crate::backend::{Backend, BackendState};
+use crate::backend::{Backend, BackendState, Slot};
 use crate::config::{AllUnhealthy, ListenerSpec};
 use crate::health::{HealthState, Status};
 use crate::persistence::SessionTable;
+use crate::queue::WaitQueue;
 use crate::scheduler::Scheduler;
 use crate::stats::ListenerStats;
 
@@ -31,6 +36,22 @@ pub struct Listener {
     rebuild_lock: Mutex<bool>,
     /// Session persistence, when enabled; outlives snapshot rebuilds.
     sessions: Option<SessionTable>,
+    /// Where connections wait for a slot, when `queue` is configured.
+    queue: Option<WaitQueue>,
+    /// Whether a task is rebuilding the snapshot while backends ramp up.
+    ramp_ticking: AtomicBool,
+    me: Weak<Listener>,
+}
+
+/// What [`Listener::acquire`] found.
+#[derive(Debug)]
+pub enum Acquired {
+    /// A slot on the best candidate that had one free.
+    Slot(Slot),
+    /// Candidates exist, but every one is at its `max_connections`.
+    Full,
+    /// No candidate at all.
+    NoBackend,
 }
 
 /// An immutable view of a listener: what the data path schedules against.
@@ -42,22 +63,34 @@ pub struct Snapshot {
     /// The backends the scheduler picks from.
     pub eligible: Vec<Arc<Backend>>,
     pub scheduler: Scheduler,
-    /// True when no backend is healthy and the listener fails open.
+    /// True when no backend is healthy and the listener fails open
+    /// (scheduling across every backend with weight > 0).
     pub fail_open: bool,
+    /// Failing open because backends are confirmed down, not merely pending
+    /// their first probe at start: what status and metrics report.
+    pub all_down: bool,
+    /// Some backend is in slow start.
+    pub ramping: bool,
 }
 
 impl Listener {
     pub fn new(spec: ListenerSpec) -> Arc<Listener> {
-        let states = DashMap::new();
-        let sessions = spec.session_persistence.as_ref().map(SessionTable::new);
-        let snapshot = build_snapshot(Arc::new(spec), &states);
-        Arc::new(Listener {
-            name: snapshot.spec.name.as_str().into(),
-            stats: ListenerStats::default(),
-            snapshot: ArcSwap::from_pointee(snapshot),
-            states,
-            rebuild_lock: Mutex::new(false),
-            sessions,
+        Arc::new_cyclic(|me| {
+            let states = DashMap::new();
+            let sessions = spec.session_persistence.as_ref().map(SessionTable::new);
+            let queue = spec.queue.as_ref().map(WaitQueue::new);
+            let snapshot = build_snapshot(Arc::new(spec), &states, me);
+            Listener {
+                name: snapshot.spec.name.as_str().into(),
+                stats: ListenerStats::default(),
+                snapshot: ArcSwap::from_pointee(snapshot),
+                states,
+                rebuild_lock: Mutex::new(false),
+                sessions,
+                queue,
+                ramp_ticking: AtomicBool::new(false),
+                me: me.clone(),
+            }
         })
     }
 
@@ -73,9 +106,14 @@ impl Listener {
     /// Recompute the eligible set from the backends' current health and swap
     /// in a new snapshot. Called when a backend's health flips.
     pub fn rebuild(&self) {
+        self.rebuild_snapshot();
+    }
+
+    /// [`Listener::rebuild`]; returns whether a backend is still ramping.
+    fn rebuild_snapshot(&self) -> bool {
         let mut warned = self.rebuild_lock.lock().unwrap_or_else(|e| e.into_inner());
         let spec = self.snapshot.load().spec.clone();
-        let snap = build_snapshot(spec, &self.states);
+        let snap = build_snapshot(spec, &self.states, &self.me);
         // "All unhealthy" once a backend is confirmed down and none is up;
         // backends still pending their first probe at start do not count.
         let live = snap.backends.iter().filter(|b| b.weight > 0);
@@ -91,7 +129,78 @@ impl Listener {
             tracing::info!(listener = %self.name, "a backend is healthy again: scheduling across healthy backends only");
         }
         *warned = all_unhealthy;
+        let ramping = snap.ramping;
         self.snapshot.store(Arc::new(snap));
+        // Under the rebuild lock, so a ramp never loses its ticker.
+        if !ramping {
+            self.ramp_ticking.store(false, SeqCst);
+        } else if !self.ramp_ticking.swap(true, SeqCst) {
+            self.spawn_ramp_ticker();
+        }
+        drop(warned);
+        // A backend back up (or ramped up) may take waiting connections.
+        self.dispatch_queue();
+        ramping
+    }
+
+    /// While some backend is in slow start, rebuild the snapshot in small
+    /// steps so that its weight climbs; the task ends with the ramp.
+    fn spawn_ramp_ticker(&self) {
+        let Some(ramp) = self.snapshot.load().spec.slow_start else {
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            self.ramp_ticking.store(false, SeqCst);
+            return;
+        };
+        let step = (ramp / 20).clamp(Duration::from_millis(100), Duration::from_secs(1));
+        let me = self.me.clone();
+        rt.spawn(async move {
+            loop {
+                tokio::time::sleep(step).await;
+                let Some(l) = me.upgrade() else { return };
+                if !l.rebuild_snapshot() {
+                    return;
+                }
+            }
+        });
+    }
+
+    /// A slot on the best candidate for `client` that has one free, skipping
+    /// the backends in `exclude` (already tried for this connection).
+    pub fn acquire(&self, client: IpAddr, exclude: &[SocketAddr]) -> Acquired {
+        let mut found = Acquired::NoBackend;
+        for b in self.candidates(client) {
+            if exclude.contains(&b.addr) {
+                continue;
+            }
+            match b.try_slot() {
+                Some(slot) => return Acquired::Slot(slot),
+                None => found = Acquired::Full,
+            }
+        }
+        found
+    }
+
+    /// The wait queue, when configured.
+    pub fn queue(&self) -> Option<&WaitQueue> {
+        self.queue.as_ref()
+    }
+
+    /// Hand free slots to the connections waiting in the queue, oldest
+    /// first, each through the scheduler (persistence, weights, health).
+    pub fn dispatch_queue(&self) {
+        if let Some(q) = &self.queue {
+            q.dispatch(|client| self.slot_for(client));
+        }
+    }
+
+    /// A slot for `client` on the best candidate with one free.
+    pub fn slot_for(&self, client: IpAddr) -> Option<Slot> {
+        match self.acquire(client, &[]) {
+            Acquired::Slot(s) => Some(s),
+            _ => None,
+        }
     }
 
     /// Backends to try for a new connection from `client`, best first; each
@@ -156,7 +265,12 @@ impl Iterator for Candidates {
     }
 }
 
-fn build_snapshot(spec: Arc<ListenerSpec>, states: &DashMap<SocketAddr, Arc<BackendState>>) -> Snapshot {
+fn build_snapshot(
+    spec: Arc<ListenerSpec>,
+    states: &DashMap<SocketAddr, Arc<BackendState>>,
+    me: &Weak<Listener>,
+) -> Snapshot {
+    let now = tokio::time::Instant::now();
     let backends: Vec<Arc<Backend>> = spec
         .backends
         .iter()
@@ -171,7 +285,14 @@ fn build_snapshot(spec: Arc<ListenerSpec>, states: &DashMap<SocketAddr, Arc<Back
                     })
                 })
                 .clone();
-            Arc::new(Backend::new(b.address, b.weight, state))
+            let ramp = ramp_percent(spec.slow_start, state.health.recovered_at(), now);
+            let mut backend = Backend::new(b.address, b.weight, state)
+                .with_slots(b.max_connections)
+                .ramped(ramp);
+            if spec.queue.is_some() {
+                backend = backend.with_queue(me.clone());
+            }
+            Arc::new(backend)
         })
         .collect();
     let mut eligible: Vec<Arc<Backend>> = backends.iter().filter(|b| b.is_eligible()).cloned().collect();
@@ -181,11 +302,34 @@ fn build_snapshot(spec: Arc<ListenerSpec>, states: &DashMap<SocketAddr, Arc<Back
         fail_open = !eligible.is_empty();
     }
     let scheduler = Scheduler::new(spec.scheduler, &eligible);
+    let all_down = fail_open && backends.iter().any(|b| b.state.health.status() == Status::Down);
+    let ramping = eligible.iter().any(|b| b.ramp < 100);
     Snapshot {
         spec,
         backends,
         eligible,
         scheduler,
         fail_open,
+        all_down,
+        ramping,
     }
+}
+
+/// The share (percent, 1-100) of its weight a backend gets `now`, having
+/// recovered at `since`, with slow start over `ramp`: linear, so that a cold
+/// server starts with a trickle and takes its full share after `ramp`.
+pub fn ramp_percent(
+    ramp: Option<Duration>,
+    since: Option<tokio::time::Instant>,
+    now: tokio::time::Instant,
+) -> u32 {
+    let (Some(ramp), Some(since)) = (ramp, since) else {
+        return 100;
+    };
+    let elapsed = now.saturating_duration_since(since);
+    if elapsed >= ramp {
+        return 100;
+    }
+    let pct = elapsed.as_micros() * 100 / ramp.as_micros().max(1);
+    (pct as u32).clamp(1, 100)
 }

@@ -20,14 +20,16 @@ use crate::backend::Backend;
 use crate::config::Protocol;
 use crate::health::CheckResult;
 use crate::listener::Listener;
-use crate::stats::DropReason;
+use crate::stats::{DropReason, Histogram};
 use crate::State;
 
-/// Counter or gauge.
+/// Counter, gauge or histogram.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Counter,
     Gauge,
+    /// Rendered by [`render_histograms`], from [`crate::stats::Histogram`].
+    Histogram,
 }
 
 /// One exported metric: its name, kind, labels and help text.
@@ -48,7 +50,7 @@ const fn def(name: &'static str, kind: Kind, labels: &'static str, help: &'stati
     }
 }
 
-use Kind::{Counter as C, Gauge as G};
+use Kind::{Counter as C, Gauge as G, Histogram as H};
 
 pub const LISTENER_ACTIVE: &str = "slb_listener_connections_active";
 pub const LISTENER_TOTAL: &str = "slb_listener_connections_total";
@@ -70,6 +72,10 @@ pub const BACKEND_TX_BYTES: &str = "slb_backend_tx_bytes_total";
 pub const BACKEND_RX_DATAGRAMS: &str = "slb_backend_rx_datagrams_total";
 pub const BACKEND_TX_DATAGRAMS: &str = "slb_backend_tx_datagrams_total";
 pub const HEALTH_CHECKS: &str = "slb_health_checks_total";
+pub const LISTENER_QUEUE_LENGTH: &str = "slb_listener_queue_length";
+pub const LISTENER_QUEUE_WAIT: &str = "slb_listener_queue_wait_seconds";
+pub const BACKEND_MAX_CONNECTIONS: &str = "slb_backend_max_connections";
+pub const BACKEND_EFFECTIVE_WEIGHT: &str = "slb_backend_effective_weight";
 
 /// Every metric, in the order of `docs/observability.md`.
 pub const CATALOG: &[MetricDef] = &[
@@ -93,6 +99,10 @@ pub const CATALOG: &[MetricDef] = &[
     def(BACKEND_RX_DATAGRAMS, C, "listener, backend", "Datagrams received from the backend (UDP listeners only)."),
     def(BACKEND_TX_DATAGRAMS, C, "listener, backend", "Datagrams sent to the backend (UDP listeners only)."),
     def(HEALTH_CHECKS, C, "listener, backend, result", "Health probes by result (ok, refused, timeout, bad_status)."),
+    def(LISTENER_QUEUE_LENGTH, G, "listener", "Connections waiting in the listener's queue for a backend slot (listeners with a queue only)."),
+    def(LISTENER_QUEUE_WAIT, H, "listener", "How long connections waited in the queue before getting a backend slot (listeners with a queue only)."),
+    def(BACKEND_MAX_CONNECTIONS, G, "listener, backend", "The backend's slots (max_connections); only for backends that have a limit."),
+    def(BACKEND_EFFECTIVE_WEIGHT, G, "listener, backend", "The weight the scheduler uses now: below the configured weight during slow start."),
 ];
 
 /// The recorder, its render handle, and the cached handles of every series.
@@ -114,6 +124,8 @@ struct ListenerHandles {
     limit_events: Counter,
     unhealthy: Gauge,
     fail_open: Gauge,
+    /// Listeners with a queue only.
+    queue_length: Option<Gauge>,
     backends: HashMap<SocketAddr, BackendHandles>,
 }
 
@@ -123,6 +135,9 @@ struct BackendHandles {
     failures: Counter,
     up: Gauge,
     weight: Gauge,
+    effective_weight: Gauge,
+    /// Backends with a slot limit only.
+    max_connections: Option<Gauge>,
     rx_bytes: Counter,
     tx_bytes: Counter,
     datagrams: Option<[Counter; 2]>,
@@ -150,6 +165,7 @@ impl Metrics {
             match m.kind {
                 Kind::Counter => recorder.describe_counter(name, None, help),
                 Kind::Gauge => recorder.describe_gauge(name, None, help),
+                Kind::Histogram => {}
             }
         }
         let handle = recorder.handle();
@@ -169,7 +185,9 @@ impl Metrics {
                 self.update_listener(&mut cache, &running.listener);
             }
         }
-        self.handle.render()
+        let mut out = self.handle.render();
+        render_histograms(&mut out, state);
+        out
     }
 
     fn update_listener(&self, cache: &mut HashMap<String, ListenerHandles>, l: &Listener) {
@@ -177,7 +195,8 @@ impl Metrics {
         let udp = snap.spec.protocol == Protocol::Udp;
         // Look up by &str first so that a known listener costs no allocation.
         if !cache.contains_key(l.name()) {
-            cache.insert(l.name().to_owned(), self.listener_handles(l.name(), udp));
+            let h = self.listener_handles(l.name(), udp, l.queue().is_some());
+            cache.insert(l.name().to_owned(), h);
         }
         let h = cache.get_mut(l.name()).expect("inserted above");
         let s = &l.stats;
@@ -195,17 +214,20 @@ impl Metrics {
         h.limit_events.absolute(s.limit_events.load(Relaxed));
         let unhealthy = snap.backends.iter().filter(|b| !b.state.health.is_up()).count();
         h.unhealthy.set(unhealthy as f64);
-        h.fail_open.set(if snap.fail_open { 1.0 } else { 0.0 });
+        h.fail_open.set(if snap.all_down { 1.0 } else { 0.0 });
+        if let (Some(g), Some(q)) = (&h.queue_length, l.queue()) {
+            g.set(q.len() as f64);
+        }
         for b in &snap.backends {
             let bh = h
                 .backends
                 .entry(b.addr)
-                .or_insert_with(|| self.backend_handles(l.name(), b.addr, udp));
+                .or_insert_with(|| self.backend_handles(l.name(), b, udp));
             update_backend(bh, b);
         }
     }
 
-    fn listener_handles(&self, listener: &str, udp: bool) -> ListenerHandles {
+    fn listener_handles(&self, listener: &str, udp: bool, queue: bool) -> ListenerHandles {
         let labels = || vec![Label::new("listener", listener.to_owned())];
         let counter = |name: &'static str| self.counter(name, labels());
         let gauge = |name: &'static str| self.gauge(name, labels());
@@ -226,11 +248,13 @@ impl Metrics {
             limit_events: counter(LISTENER_LIMIT_EVENTS),
             unhealthy: gauge(LISTENER_UNHEALTHY),
             fail_open: gauge(LISTENER_FAIL_OPEN),
+            queue_length: queue.then(|| gauge(LISTENER_QUEUE_LENGTH)),
             backends: HashMap::new(),
         }
     }
 
-    fn backend_handles(&self, listener: &str, backend: SocketAddr, udp: bool) -> BackendHandles {
+    fn backend_handles(&self, listener: &str, b: &Backend, udp: bool) -> BackendHandles {
+        let backend = b.addr;
         let labels = || {
             vec![
                 Label::new("listener", listener.to_owned()),
@@ -245,6 +269,8 @@ impl Metrics {
             failures: counter(BACKEND_FAILURES),
             up: gauge(BACKEND_UP),
             weight: gauge(BACKEND_WEIGHT),
+            effective_weight: gauge(BACKEND_EFFECTIVE_WEIGHT),
+            max_connections: b.max_connections.map(|_| gauge(BACKEND_MAX_CONNECTIONS)),
             rx_bytes: counter(BACKEND_RX_BYTES),
             tx_bytes: counter(BACKEND_TX_BYTES),
             datagrams: udp.then(|| [counter(BACKEND_RX_DATAGRAMS), counter(BACKEND_TX_DATAGRAMS)]),
@@ -276,7 +302,11 @@ fn update_backend(h: &BackendHandles, b: &Backend) {
     h.total.absolute(s.total.load(Relaxed));
     h.failures.absolute(s.connect_failures.load(Relaxed));
     h.up.set(if b.state.health.is_up() { 1.0 } else { 0.0 });
-    h.weight.set(f64::from(b.weight));
+    h.weight.set(f64::from(b.configured_weight));
+    h.effective_weight.set(f64::from(b.weight));
+    if let (Some(g), Some(max)) = (&h.max_connections, b.max_connections) {
+        g.set(max as f64);
+    }
     h.rx_bytes.absolute(s.rx_bytes.load(Relaxed));
     h.tx_bytes.absolute(s.tx_bytes.load(Relaxed));
     if let Some([rx, tx]) = &h.datagrams {
@@ -286,6 +316,42 @@ fn update_backend(h: &BackendHandles, b: &Backend) {
     for (c, result) in h.checks.iter().zip(CheckResult::ALL) {
         c.absolute(b.state.health.checks(result));
     }
+}
+
+/// Append the histograms (`metrics` cannot be fed pre-bucketed counts):
+/// the queue wait of every listener with a queue.
+fn render_histograms(out: &mut String, state: &State) {
+    use std::fmt::Write;
+    let queues: Vec<_> = state
+        .listeners
+        .iter()
+        .filter_map(|r| Some((r.listener.name(), r.listener.queue()?)))
+        .collect();
+    if queues.is_empty() {
+        return;
+    }
+    let def = CATALOG
+        .iter()
+        .find(|m| m.name == LISTENER_QUEUE_WAIT)
+        .expect("in the catalog");
+    let name = def.name;
+    let _ = writeln!(out, "# HELP {name} {}\n# TYPE {name} histogram", def.help);
+    for (listener, q) in queues {
+        let l = escape_label(listener);
+        let (cumulative, count) = q.wait.cumulative();
+        for (bound, n) in Histogram::BOUNDS.iter().zip(cumulative) {
+            let _ = writeln!(out, "{name}_bucket{{listener=\"{l}\",le=\"{bound}\"}} {n}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{listener=\"{l}\",le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum{{listener=\"{l}\"}} {}", q.wait.sum_seconds());
+        let _ = writeln!(out, "{name}_count{{listener=\"{l}\"}} {count}");
+    }
+    out.push('\n');
+}
+
+/// A label value in the Prometheus text format.
+fn escape_label(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 fn metadata() -> Metadata<'static> {

@@ -3,6 +3,7 @@
 //! ever does relaxed atomic adds on them.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
 
 /// Why a client connection (or UDP flow) was closed without a backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -13,13 +14,26 @@ pub enum DropReason {
     ConnectFailed,
     /// The listener was at `max_connections`.
     Limit,
+    /// Every eligible backend was at its `max_connections` and there is no
+    /// queue (TCP) or the flow cannot wait (UDP).
+    Full,
+    /// The wait queue already held `queue.size` connections.
+    QueueFull,
+    /// The connection waited `queue.timeout` without getting a slot.
+    QueueTimeout,
+    /// The client went away while waiting in the queue.
+    QueueAbandoned,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 3] = [
+    pub const ALL: [DropReason; 7] = [
         DropReason::NoBackend,
         DropReason::ConnectFailed,
         DropReason::Limit,
+        DropReason::Full,
+        DropReason::QueueFull,
+        DropReason::QueueTimeout,
+        DropReason::QueueAbandoned,
     ];
 
     /// The `reason` label value.
@@ -28,6 +42,10 @@ impl DropReason {
             DropReason::NoBackend => "no_backend",
             DropReason::ConnectFailed => "connect_failed",
             DropReason::Limit => "limit",
+            DropReason::Full => "full",
+            DropReason::QueueFull => "queue_full",
+            DropReason::QueueTimeout => "queue_timeout",
+            DropReason::QueueAbandoned => "queue_abandoned",
         }
     }
 }
@@ -95,5 +113,54 @@ impl<'a> ActiveGuard<'a> {
 impl Drop for ActiveGuard<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+/// A fixed-bucket histogram of durations (Prometheus `_bucket`, `_sum`,
+/// `_count`), with relaxed atomic adds only.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Observations at or below each bound of [`Histogram::BOUNDS`]
+    /// (not cumulative; the renderer sums them).
+    buckets: [AtomicU64; Histogram::BOUNDS.len()],
+    /// Observations above the last bound.
+    over: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    /// Upper bounds in seconds.
+    pub const BOUNDS: [f64; 14] = [
+        0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    ];
+
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        match Self::BOUNDS.iter().position(|&b| secs <= b) {
+            Some(i) => self.buckets[i].fetch_add(1, Relaxed),
+            None => self.over.fetch_add(1, Relaxed),
+        };
+        self.sum_micros
+            .fetch_add(u64::try_from(d.as_micros()).unwrap_or(u64::MAX), Relaxed);
+    }
+
+    /// Cumulative counts per bound, then the total (the `+Inf` bucket).
+    pub fn cumulative(&self) -> ([u64; Histogram::BOUNDS.len()], u64) {
+        let mut out = [0; Histogram::BOUNDS.len()];
+        let mut sum = 0;
+        for (o, b) in out.iter_mut().zip(&self.buckets) {
+            sum += b.load(Relaxed);
+            *o = sum;
+        }
+        (out, sum + self.over.load(Relaxed))
+    }
+
+    pub fn count(&self) -> u64 {
+        self.cumulative().1
+    }
+
+    /// Sum of the observations in seconds.
+    pub fn sum_seconds(&self) -> f64 {
+        self.sum_micros.load(Relaxed) as f64 / 1e6
     }
 }

@@ -124,6 +124,11 @@ pub struct ListenerSpec {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_connections: usize,
+    /// `None` when there is no queue (`queue.size` 0): a connection finding
+    /// every eligible backend at its `max_connections` is refused.
+    pub queue: Option<Queue>,
+    /// Ramp time of a backend's weight after it recovers; `None` = off.
+    pub slow_start: Option<Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,6 +136,18 @@ pub struct BackendSpec {
     pub address: SocketAddr,
     /// 0-100; 0 = no new connections.
     pub weight: u32,
+    /// The backend's slots: connections (or UDP flows) it takes at once;
+    /// `None` = unlimited.
+    pub max_connections: Option<u64>,
+}
+
+/// The listener's wait queue for connections that find every backend full.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Queue {
+    /// Most connections waiting at once (at least 1).
+    pub size: usize,
+    /// How long a connection may wait for a slot.
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -209,3 +226,4 @@ pub const DEFAULT_UDP_IDLE: Duration = Duration::from_secs(60);
 pub const DEFAULT_MAX_CONNECTIONS: usize = 50_000;
 pub const DEFAULT_PERSISTENCE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 pub const DEFAULT_PERSISTENCE_ENTRIES: usize = 1_000_000;
+pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(30);

@@ -132,6 +132,17 @@ pub(super) struct RawListener {
     pub(super) connect_timeout: Option<Bounded<Duration, MS, { 10 * MIN }>>,
     pub(super) idle_timeout: Option<Bounded<Duration, { 100 * MS }, { 7 * DAY }>>,
     pub(super) max_connections: Option<Bounded<u64, 1, 10_000_000>>,
+    #[serde(default)]
+    pub(super) queue: RawQueue,
+    pub(super) slow_start: Option<Bounded<Duration, { 100 * MS }, { HOUR }>>,
+}
+
+/// `listeners[].queue`: where connections wait when every backend is full.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawQueue {
+    pub(super) size: Option<Bounded<u64, 0, 10_000_000>>,
+    pub(super) timeout: Option<Bounded<Duration, MS, DAY>>,
 }
 
 #[derive(Deserialize)]
@@ -179,6 +190,7 @@ pub(super) struct RawGroup {
 pub(super) struct RawBackend {
     pub(super) address: SocketAddr,
     pub(super) weight: Option<Bounded<u64, 0, 100>>,
+    pub(super) max_connections: Option<Bounded<u64, 1, 10_000_000>>,
 }
 
 fn yes() -> bool {

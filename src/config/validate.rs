@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use super::raw::{RawConfig, RawGroup, RawHealthCheck, RawListener, RawPersistence};
+use super::raw::{RawConfig, RawGroup, RawHealthCheck, RawListener, RawPersistence, RawQueue};
 use super::*;
 
 // ---------------------------------------------------------------------------
@@ -82,6 +82,7 @@ fn resolve_groups(raw: &[RawGroup]) -> Result<HashMap<String, Vec<BackendSpec>>>
             backends.push(BackendSpec {
                 address: b.address,
                 weight,
+                max_connections: b.max_connections.map(|m| m.0),
             });
         }
         if groups.insert(g.name.clone(), backends).is_some() {
@@ -109,7 +110,10 @@ fn resolve_listener(l: RawListener, groups: &HashMap<String, Vec<BackendSpec>>) 
         Protocol::Tcp => DEFAULT_TCP_IDLE,
         Protocol::Udp => DEFAULT_UDP_IDLE,
     };
+    let queue = resolve_queue(&l.queue, l.protocol).context("queue")?;
     Ok(ListenerSpec {
+        queue,
+        slow_start: l.slow_start.map(|b| b.0),
         health_check: resolve_health(l.health_check).context("health_check")?,
         session_persistence: resolve_persistence(l.session_persistence),
         name: l.name,
@@ -185,6 +189,23 @@ fn parse_status_range(s: &str) -> Result<(u16, u16)> {
         bail!("{s:?}: the range is empty");
     }
     Ok((lo, hi))
+}
+
+fn resolve_queue(q: &RawQueue, protocol: Protocol) -> Result<Option<Queue>> {
+    let size = q.size.map_or(0, |b| b.0 as usize);
+    if size == 0 {
+        if q.timeout.is_some() {
+            bail!("timeout: set size as well (size 0, the default, means no queue)");
+        }
+        return Ok(None);
+    }
+    if protocol == Protocol::Udp {
+        bail!("size: UDP flows are never queued (a new flow finding every backend full is dropped); remove queue");
+    }
+    Ok(Some(Queue {
+        size,
+        timeout: q.timeout.map_or(DEFAULT_QUEUE_TIMEOUT, |b| b.0),
+    }))
 }
 
 fn resolve_persistence(p: RawPersistence) -> Option<Persistence> {

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -86,6 +87,8 @@ pub struct HealthState {
     machine: Mutex<Option<RiseFall>>,
     checks: [AtomicU64; CheckResult::ALL.len()],
     transitions: AtomicU64,
+    /// When the backend last came back up after being down (slow start).
+    recovered_at: Mutex<Option<Instant>>,
 }
 
 impl Default for HealthState {
@@ -111,6 +114,7 @@ impl HealthState {
             machine: Mutex::new(machine),
             checks: Default::default(),
             transitions: AtomicU64::new(0),
+            recovered_at: Mutex::new(None),
         }
     }
 
@@ -136,6 +140,12 @@ impl HealthState {
     /// How many times the status changed.
     pub fn transitions(&self) -> u64 {
         self.transitions.load(Relaxed)
+    }
+
+    /// When the backend last went from down to up (not pending to up: a
+    /// backend found up at start is not cold). Drives slow start.
+    pub fn recovered_at(&self) -> Option<Instant> {
+        *self.recovered_at.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Apply a (possibly reloaded) check configuration; returns true when
@@ -197,8 +207,12 @@ impl HealthState {
             } else {
                 m.streak() + 1
             };
+            let from = m.status();
             let to = m.observe(ok);
             self.failing.store(failing(m), Relaxed);
+            if from == Status::Down && to == Some(Status::Up) {
+                *self.recovered_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+            }
             if let Some(to) = to {
                 self.status.store(status_to_u8(to), Relaxed);
             }

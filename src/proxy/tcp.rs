@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
@@ -16,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::backend::Backend;
-use crate::listener::Listener;
+use crate::backend::{Backend, Slot};
+use crate::listener::{Acquired, Listener};
 use crate::proxy::forward::{self, forward, Meters};
 use crate::stats::{ActiveGuard, DropReason};
 
@@ -108,16 +109,38 @@ async fn handle(
     set_nodelay_or_warn(&client);
     let start = Instant::now();
     let spec = listener.snapshot().spec.clone();
-    let mut tried = 0;
-    for backend in listener.candidates(peer.ip()) {
-        tried += 1;
+    // Backends whose connect failed for this connection: each is tried once.
+    let mut failed: Vec<SocketAddr> = Vec::new();
+    let mut queued = false;
+    let reason = loop {
+        // While others wait in the queue, a newcomer joins them rather than
+        // taking a slot freed for the head.
+        let waiting = !queued && listener.queue().is_some_and(|q| !q.is_empty());
+        let acquired = if waiting {
+            Acquired::Full
+        } else {
+            listener.acquire(peer.ip(), &failed)
+        };
+        let slot = match acquired {
+            Acquired::Slot(slot) => slot,
+            Acquired::Full if !queued && listener.queue().is_some() => {
+                queued = true;
+                match wait_in_queue(&listener, &client, peer).await {
+                    Ok(slot) => slot,
+                    Err(reason) => break reason,
+                }
+            }
+            Acquired::Full if failed.is_empty() => break DropReason::Full,
+            Acquired::NoBackend if failed.is_empty() => break DropReason::NoBackend,
+            _ => break DropReason::ConnectFailed,
+        };
+        let backend = slot.backend();
         let bstats = &backend.state.stats;
-        let _backend_active = ActiveGuard::new(&bstats.active);
-        match connect(&backend, spec.connect_timeout).await {
+        match connect(backend, spec.connect_timeout).await {
             Ok(mut upstream) => {
                 bstats.total.fetch_add(1, Relaxed);
                 backend.state.health.observe_data_path_success();
-                listener.record(peer.ip(), &backend);
+                listener.record(peer.ip(), backend);
                 let meters = Meters {
                     upstream: [&stats.rx_bytes, &bstats.tx_bytes],
                     downstream: [&bstats.rx_bytes, &stats.tx_bytes],
@@ -135,25 +158,59 @@ async fn handle(
             Err(e) => {
                 bstats.connect_failures.fetch_add(1, Relaxed);
                 debug!(listener = %listener.name(), backend = %backend.addr, error = %e, "connect failed; trying next candidate");
-                if backend.state.health.observe_data_path_failure() {
+                failed.push(backend.addr);
+                let flipped = backend.state.health.observe_data_path_failure();
+                drop(slot);
+                if flipped {
                     listener.rebuild();
                 }
             }
         }
-    }
-    let reason = if tried == 0 {
-        DropReason::NoBackend
-    } else {
-        DropReason::ConnectFailed
     };
     stats.drop_one(reason);
     forward::reset(&client);
     info!(
         target: "slb::access",
-        listener = %listener.name(), client = %peer, tried,
+        listener = %listener.name(), client = %peer, tried = failed.len(),
         duration_ms = start.elapsed().as_millis() as u64,
         end = reason.as_str(), "tcp connection dropped"
     );
+}
+
+/// Wait in the listener's queue for a slot, for at most `queue.timeout`,
+/// leaving the queue if the client goes away meanwhile.
+async fn wait_in_queue(
+    listener: &Listener,
+    client: &TcpStream,
+    peer: SocketAddr,
+) -> Result<Slot, DropReason> {
+    let queue = listener.queue().expect("called only with a queue");
+    let Ok(mut ticket) = queue.join(peer.ip(), |ip| listener.slot_for(ip)) else {
+        return Err(DropReason::QueueFull);
+    };
+    debug!(listener = %listener.name(), client = %peer, waiting = queue.len(), "every backend full: queued");
+    tokio::select! {
+        slot = ticket.slot() => Ok(slot),
+        _ = tokio::time::sleep(queue.timeout()) => Err(DropReason::QueueTimeout),
+        _ = client_gone(client) => Err(DropReason::QueueAbandoned),
+    }
+}
+
+/// Resolves when the client closes or resets its connection. Bytes the
+/// client sends meanwhile stay in the socket for the backend. A half-close
+/// (FIN) counts as gone: a queued client cannot be told from one that left.
+async fn client_gone(client: &TcpStream) {
+    loop {
+        match client.ready(Interest::READABLE).await {
+            Ok(r) if !r.is_read_closed() && !r.is_error() => {
+                // Data waiting: forget this readiness, wake on the next event.
+                let _ = client.try_io(Interest::READABLE, || {
+                    Err::<(), _>(io::ErrorKind::WouldBlock.into())
+                });
+            }
+            _ => return,
+        }
+    }
 }
 
 /// Connect to a backend with TCP_NODELAY, bounded by `timeout`.

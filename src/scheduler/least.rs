@@ -23,8 +23,15 @@ pub(super) fn lighter_weighted(a: &Backend, b: &Backend) -> bool {
     la < lb
 }
 
+/// Fewer active connections; a backend in slow start counts as if its
+/// connections were scaled up by its ramp (`(active + 1) / ramp`), so that
+/// its share climbs with the ramp instead of taking every new connection.
+/// Outside slow start (ramp 100 everywhere) this is `active(a) < active(b)`.
 fn lighter_unweighted(a: &Backend, b: &Backend) -> bool {
-    active(a) < active(b)
+    if a.ramp == b.ramp {
+        return active(a) < active(b);
+    }
+    (active(a) + 1).saturating_mul(u64::from(b.ramp)) < (active(b) + 1).saturating_mul(u64::from(a.ramp))
 }
 
 /// The least-loaded backend, scanning from `start` round the ring; the first
@@ -128,6 +135,25 @@ mod tests {
         let b = backends(&[1, 1, 1, 1], &[2, 0, 5, 0]);
         let picks: Vec<usize> = (0..4).map(|s| least_loaded(&b, s, false)).collect();
         assert_eq!(picks, [1, 1, 3, 3]);
+    }
+
+    #[test]
+    fn lc_gives_a_ramping_backend_a_share_that_grows_with_the_ramp() {
+        // Others hold 9 connections each; the revived backend at 10% of its
+        // ramp is "full" at (a+1)/10 >= 10/100, i.e. once it holds 0.
+        let ramped = |ramp: u32, active: u64| {
+            let mut b = backends(&[10, 10], &[9, active]);
+            b[1] = Arc::new(Backend::new(b[1].addr, 10, b[1].state.clone()).ramped(ramp));
+            least_loaded(&b, 0, false)
+        };
+        assert_eq!(
+            ramped(10, 0),
+            0,
+            "at 10%: (0+1)*100 vs (9+1)*10, a tie, first wins"
+        );
+        assert_eq!(ramped(50, 3), 1, "at 50%: (3+1)*100 < (9+1)*50");
+        assert_eq!(ramped(50, 5), 0, "at 50%: (5+1)*100 > (9+1)*50");
+        assert_eq!(ramped(100, 8), 1, "at full share plain lc");
     }
 
     #[test]

@@ -46,6 +46,12 @@ impl Scheduler {
     pub fn new(kind: SchedulerKind, backends: &[Arc<Backend>]) -> Self {
         let cursor = || AtomicUsize::new(0);
         match kind {
+            // A backend in slow start gets a ramped share even under rr:
+            // equal weights, scaled by each backend's ramp.
+            SchedulerKind::Rr if backends.iter().any(|b| b.ramp < 100) => Scheduler::Wrr {
+                cycle: wrr::smooth_wrr_cycle(backends.iter().map(|b| b.ramp)),
+                next: cursor(),
+            },
             SchedulerKind::Rr => Scheduler::Rr { next: cursor() },
             SchedulerKind::Wrr => Scheduler::Wrr {
                 cycle: wrr::smooth_wrr_cycle(backends.iter().map(|b| b.weight)),

@@ -46,8 +46,15 @@ pub struct ListenerReport {
     pub session_persistence: Option<PersistenceReport>,
     /// "fail_open" or "reject".
     pub on_all_unhealthy: String,
-    /// True while every backend is unhealthy and traffic goes to all of them.
+    /// True while every backend is unhealthy (at least one confirmed down)
+    /// and traffic goes to all of them.
     pub fail_open: bool,
+    /// `null` when the listener has no wait queue.
+    #[serde(default)]
+    pub queue: Option<QueueReport>,
+    /// `null` when slow start is off.
+    #[serde(default)]
+    pub slow_start_seconds: Option<f64>,
     pub backends_unhealthy: u64,
     pub active: u64,
     pub total: u64,
@@ -79,6 +86,18 @@ pub struct HealthReport {
     pub expected_status: Option<[u16; 2]>,
 }
 
+/// The wait queue of a listener: settings and live state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QueueReport {
+    pub size: u64,
+    pub timeout_seconds: f64,
+    /// Connections waiting now.
+    pub length: u64,
+    /// Connections that got a slot after waiting, and their total wait.
+    pub dispatched: u64,
+    pub wait_seconds_sum: f64,
+}
+
 /// Session-persistence settings of a listener.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PersistenceReport {
@@ -90,8 +109,18 @@ pub struct PersistenceReport {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BackendReport {
     pub address: String,
+    /// Configured weight.
     pub weight: u32,
+    /// The weight the scheduler uses now: below `weight` during slow start.
+    #[serde(default)]
+    pub effective_weight: u32,
     pub healthy: bool,
+    /// "pending" (not probed successfully yet), "up" or "down".
+    #[serde(default)]
+    pub health: String,
+    /// The backend's slots; `null` = unlimited. `active` is the slots in use.
+    #[serde(default)]
+    pub max_connections: Option<u64>,
     pub active: u64,
     pub total: u64,
     /// Failed connects on the data path.
@@ -156,7 +185,15 @@ fn listener_report(r: &Running) -> ListenerReport {
             AllUnhealthy::Reject => "reject",
         }
         .into(),
-        fail_open: snap.fail_open,
+        fail_open: snap.all_down,
+        queue: r.listener.queue().map(|q| QueueReport {
+            size: q.size() as u64,
+            timeout_seconds: q.timeout().as_secs_f64(),
+            length: q.len() as u64,
+            dispatched: q.wait.count(),
+            wait_seconds_sum: q.wait.sum_seconds(),
+        }),
+        slow_start_seconds: spec.slow_start.map(|d| d.as_secs_f64()),
         backends_unhealthy: snap.backends.iter().filter(|b| !b.state.health.is_up()).count() as u64,
         active: s.active.load(Relaxed),
         total: s.total.load(Relaxed),
@@ -177,8 +214,11 @@ fn backend_report(b: &Backend) -> BackendReport {
     let s = &b.state.stats;
     BackendReport {
         address: b.addr.to_string(),
-        weight: b.weight,
+        weight: b.configured_weight,
+        effective_weight: b.weight,
         healthy: b.state.health.is_up(),
+        health: b.state.health.status().as_str().into(),
+        max_connections: b.max_connections,
         active: s.active.load(Relaxed),
         total: s.total.load(Relaxed),
         failures: s.connect_failures.load(Relaxed),

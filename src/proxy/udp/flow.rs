@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info};
 
 use super::batch::RecvBatch;
-use crate::backend::Backend;
+use crate::backend::{Backend, Slot};
 use crate::listener::Listener;
 
 /// Replies relayed per wake-up before the relay task yields to others.
@@ -101,11 +101,8 @@ impl Flow {
     /// `client`. Counts the flow in the listener's and backend's gauges.
     /// The flow ends when a reason is sent on the returned [`Stop`], or with
     /// `end=shutdown` when it is dropped (the listener's table is gone).
-    pub(super) fn open(
-        ctx: &Arc<RelayCtx>,
-        client: SocketAddr,
-        backend: Arc<Backend>,
-    ) -> io::Result<(Arc<Flow>, Stop)> {
+    pub(super) fn open(ctx: &Arc<RelayCtx>, client: SocketAddr, slot: Slot) -> io::Result<(Arc<Flow>, Stop)> {
+        let backend = slot.backend().clone();
         let upstream = connect(backend.addr)?;
         let flow = Arc::new(Flow {
             client,
@@ -118,8 +115,7 @@ impl Flow {
             to_backend: Counts::default(),
             to_client: Counts::default(),
         });
-        let live = Live::new(ctx.listener.clone(), flow.backend.clone());
-        ctx.listener.record(client.ip(), &flow.backend);
+        let live = Live::new(ctx.listener.clone(), slot);
         let (stop, stopped) = oneshot::channel();
         ctx.tracker.spawn(relay(flow.clone(), live, stopped, ctx.clone()));
         Ok((flow, Stop(stop)))
@@ -197,27 +193,29 @@ fn connect(addr: SocketAddr) -> io::Result<UdpSocket> {
     UdpSocket::from_std(socket)
 }
 
-/// A flow counted in the listener's and the backend's `active` gauges for
-/// as long as its relay task lives.
+/// A flow counted in the listener's `active` gauge, and holding its slot of
+/// the backend (the backend's `active` gauge), for as long as its relay task
+/// lives.
 struct Live {
     listener: Arc<Listener>,
-    backend: Arc<Backend>,
+    _slot: Slot,
 }
 
 impl Live {
-    fn new(listener: Arc<Listener>, backend: Arc<Backend>) -> Live {
+    fn new(listener: Arc<Listener>, slot: Slot) -> Live {
         listener.stats.active.fetch_add(1, Relaxed);
         listener.stats.total.fetch_add(1, Relaxed);
-        backend.state.stats.active.fetch_add(1, Relaxed);
-        backend.state.stats.total.fetch_add(1, Relaxed);
-        Live { listener, backend }
+        slot.backend().state.stats.total.fetch_add(1, Relaxed);
+        Live {
+            listener,
+            _slot: slot,
+        }
     }
 }
 
 impl Drop for Live {
     fn drop(&mut self) {
         self.listener.stats.active.fetch_sub(1, Relaxed);
-        self.backend.state.stats.active.fetch_sub(1, Relaxed);
     }
 }
 

@@ -14,7 +14,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use super::flow::{End, Flow, RelayCtx, Stop};
-use crate::backend::Backend;
+use crate::backend::Slot;
 use crate::listener::Listener;
 use crate::stats::DropReason;
 
@@ -113,7 +113,7 @@ impl FlowTable {
     async fn reschedule(&mut self, old: Entry, why: End, data: &[u8]) {
         let (client, from) = (old.flow.client, old.flow.backend.addr);
         match self.pick(client.ip(), Some(from)) {
-            Some(b) if b.addr == from => {
+            Pick::Stay => {
                 // Nowhere else to go: keep the flow and its upstream socket.
                 old.flow.clear_refused();
                 if let Err(e) = old.flow.send(data).await {
@@ -138,18 +138,27 @@ impl FlowTable {
                 return;
             }
         }
-        let backend = self.pick(client.ip(), None);
-        self.open_and_send(client, backend, data).await
+        let pick = self.pick(client.ip(), None);
+        self.open_and_send(client, pick, data).await
     }
 
-    async fn open_and_send(&mut self, client: SocketAddr, backend: Option<Arc<Backend>>, data: &[u8]) {
-        let Some(backend) = backend else {
-            self.listener.stats.drop_one(DropReason::NoBackend);
-            debug!(listener = %self.listener.name(), client = %client, "no backend: udp datagram dropped");
-            return;
+    async fn open_and_send(&mut self, client: SocketAddr, pick: Pick, data: &[u8]) {
+        let slot = match pick {
+            Pick::Slot(slot) => slot,
+            Pick::Full => {
+                // UDP never queues: a new flow finding every backend full is dropped.
+                self.listener.stats.drop_one(DropReason::Full);
+                debug!(listener = %self.listener.name(), client = %client, "every backend at max_connections: udp datagram dropped");
+                return;
+            }
+            Pick::Stay | Pick::NoBackend => {
+                self.listener.stats.drop_one(DropReason::NoBackend);
+                debug!(listener = %self.listener.name(), client = %client, "no backend: udp datagram dropped");
+                return;
+            }
         };
-        let addr = backend.addr;
-        match Flow::open(&self.ctx, client, backend) {
+        let addr = slot.backend().addr;
+        match Flow::open(&self.ctx, client, slot) {
             Ok((flow, stop)) => {
                 self.listener.record(client.ip(), &flow.backend);
                 if let Err(e) = flow.send(data).await {
@@ -165,16 +174,22 @@ impl FlowTable {
         }
     }
 
-    /// The first candidate for `client` other than `exclude`, else `exclude`
-    /// itself if it is still a candidate. UDP has no connect to fail, so
-    /// there is nothing to retry on: the first candidate it is.
-    fn pick(&self, client: IpAddr, exclude: Option<SocketAddr>) -> Option<Arc<Backend>> {
-        let mut fallback = None;
+    /// A slot on the first candidate for `client` other than `exclude` that
+    /// has one free; [`Pick::Stay`] if `exclude` (the flow's own backend) is
+    /// still a candidate and no other is. UDP has no connect to fail, so
+    /// there is nothing to retry on: the first candidate with a slot it is.
+    fn pick(&self, client: IpAddr, exclude: Option<SocketAddr>) -> Pick {
+        let mut fallback = Pick::NoBackend;
         for b in self.listener.candidates(client) {
-            if Some(b.addr) != exclude {
-                return Some(b);
+            if Some(b.addr) == exclude {
+                fallback = Pick::Stay;
+                continue;
             }
-            fallback = Some(b);
+            match b.try_slot() {
+                Some(slot) => return Pick::Slot(slot),
+                None if matches!(fallback, Pick::NoBackend) => fallback = Pick::Full,
+                None => {}
+            }
         }
         fallback
     }
@@ -185,4 +200,15 @@ impl FlowTable {
             self.remove_ended(flow);
         }
     }
+}
+
+/// Where a new (or moving) flow goes.
+enum Pick {
+    /// A slot on this backend.
+    Slot(Slot),
+    /// Keep the flow on its backend: it is the only candidate.
+    Stay,
+    /// Every candidate is at its `max_connections`.
+    Full,
+    NoBackend,
 }
