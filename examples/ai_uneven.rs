@@ -40,7 +40,7 @@ async fn backend() -> Result<SocketAddr> {
 
 fn config(scheduler: &str, backends: &[SocketAddr]) -> String {
     let mut y = format!(
-        "listeners:\n  - name: ai\n    protocol: tcp\n    listen: 127.0.0.1:0\n    backend_group: g\n    scheduler: {scheduler}\n    health_check:\n      enabled: false\nbackend_groups:\n  - name: g\n    backends:\n"
+        "admin:\n  listen: 127.0.0.1:0\nlisteners:\n  - name: ai\n    protocol: tcp\n    listen: 127.0.0.1:0\n    backend_group: g\n    scheduler: {scheduler}\n    health_check:\n      enabled: false\nbackend_groups:\n  - name: g\n    backends:\n"
     );
     for b in backends {
         y.push_str(&format!("      - address: \"{b}\"\n"));

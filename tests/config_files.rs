@@ -1,6 +1,7 @@
 //! Every shipped and fixture config: the valid ones parse, the invalid ones
 //! fail with the error their first line (`# error: ...`) promises. And the
-//! `slb check` / `--version` command line on them.
+//! `slb check` / `--version` / `--help` command line on them, and the
+//! defaults a listener gets.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -125,9 +126,65 @@ fn missing_file_is_a_clear_error() {
 fn version_and_help() {
     let out = slb(&["--version"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
-    for sub in ["run", "check"] {
+    for (sub, option) in [("run", "--config"), ("check", "--config"), ("status", "--admin")] {
         let out = slb(&[sub, "--help"]);
-        assert!(out.status.success());
-        assert!(String::from_utf8_lossy(&out.stdout).contains("--config"));
+        assert!(out.status.success(), "slb {sub} --help: {:?}", out.status);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.contains(option),
+            "slb {sub} --help does not mention {option}:\n{stdout}"
+        );
     }
+}
+
+#[test]
+fn check_warns_about_an_empty_group_by_name_and_exits_zero() {
+    let out = slb(&["check", "-c", "tests/fixtures/valid/ipv6-and-empty-group.yaml"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("warning: backend group \"empty\" is empty"),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains("backend group \"pool\" is empty"),
+        "only the empty group is named: {stdout}"
+    );
+    assert!(stdout.contains("is valid"), "{stdout}");
+}
+
+#[test]
+fn idle_timeout_defaults_to_60s_for_udp_and_900s_for_tcp() {
+    let c = slb::config::parse(
+        "listeners:
+  - name: t
+    protocol: tcp
+    listen: 127.0.0.1:0
+    backend_group: g
+  - name: u
+    protocol: udp
+    listen: 127.0.0.1:0
+    backend_group: g
+    health_check:
+      enabled: false
+backend_groups:
+  - name: g
+    backends:
+      - address: 127.0.0.1:9999
+",
+    )
+    .expect("config");
+    let idle = |name: &str| {
+        c.listeners
+            .iter()
+            .find(|l| l.name == name)
+            .expect("listener")
+            .idle_timeout
+    };
+    assert_eq!(idle("t"), std::time::Duration::from_secs(900));
+    assert_eq!(idle("u"), std::time::Duration::from_secs(60));
 }

@@ -1,6 +1,7 @@
 //! The `slb` binary as an operator runs it: logs that say where listeners
-//! are, SIGTERM draining to exit 0, and EMFILE on accept backing off
-//! without spinning or ending the listener.
+//! are, SIGTERM draining to exit 0 (and the drain timeout closing what is
+//! left), and EMFILE on accept backing off without spinning or ending the
+//! listener.
 
 mod common;
 
@@ -190,4 +191,38 @@ async fn out_of_file_descriptors_backs_off_without_spinning_or_dying() {
         assert!(Instant::now() < deadline, "listener never recovered after EMFILE");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_timeout_closes_a_held_connection_and_exits_zero() {
+    let backend = hang().await;
+    let yaml =
+        tcp_config("rr", &[(backend.addr, 10)], "").replace("drain_timeout: 5s", "drain_timeout: 300ms");
+    let mut p = spawn_slb(&yaml, "");
+    let mut held = timeout(TcpStream::connect(p.addr)).await.unwrap();
+    held.write_all(b"x").await.unwrap();
+    eventually("backend accepted the held connection", || backend.accepted() == 1).await;
+    assert!(p.child.try_wait().unwrap().is_none(), "exited before SIGTERM");
+
+    let t = Instant::now();
+    unsafe { libc::kill(p.child.id() as i32, libc::SIGTERM) };
+    let status = tokio::task::block_in_place(|| wait_exit(&mut p.child));
+    let took = t.elapsed();
+    assert!(status.success(), "{status:?}");
+    // The connection never ends by itself: only the drain timeout ends it.
+    assert!(
+        took < Duration::from_secs(10),
+        "took {took:?} with a 300ms drain timeout"
+    );
+    // Every line slb wrote: the channel closes with its stderr.
+    let logged: Vec<String> =
+        tokio::task::block_in_place(|| std::iter::from_fn(|| p.lines.recv_timeout(DEADLINE).ok()).collect());
+    assert!(
+        logged.iter().any(|l| l.contains("drain timeout reached")),
+        "no `drain timeout reached` log:\n{}",
+        logged.join("\n")
+    );
+    let mut b = [0u8; 1];
+    let r = timeout(held.read(&mut b)).await;
+    assert!(matches!(r, Ok(0) | Err(_)), "held connection still open: {r:?}");
 }

@@ -1,7 +1,8 @@
 //! UDP listeners through real sockets: flows spread by the scheduler and
 //! stable per client address:port, datagrams of every size intact, replies
 //! from the listener's address, idle expiry, the flow cap, moving off a
-//! backend that refuses, shutdown.
+//! backend that refuses (or, if it is the only one, recovering when it
+//! returns), shutdown.
 
 mod common;
 
@@ -279,6 +280,43 @@ async fn flow_moves_off_a_backend_that_refuses() {
     .await;
     assert_eq!(l.stats.active.load(Relaxed), 1);
     assert_eq!(l.stats.total.load(Relaxed), 2);
+    lb.stop().await;
+}
+
+#[tokio::test]
+async fn flow_whose_only_backend_refused_recovers_when_it_returns() {
+    let a = udp_backend(Some("A")).await;
+    let lb = start_lb(&udp_config("127.0.0.1:0", "rr", &[a.addr], "")).await;
+    let vip = lb.addr("u");
+    let c = client().await;
+    assert_eq!(ask(&c, vip, b"x").await, b"A:x");
+    let sa = backend_stats(&lb, a.addr);
+    // The only backend goes away: ICMP port unreachable, counted once.
+    a.task.abort();
+    let _ = a.task.await;
+    c.send_to(b"lost", vip).await.unwrap();
+    eventually("the refusal counted", || {
+        sa.state.stats.connect_failures.load(Relaxed) >= 1
+    })
+    .await;
+    // It comes back on the same port; the flow must not stay wedged.
+    let socket = UdpSocket::bind(a.addr).await.expect("rebind the backend's port");
+    let back = serve_udp(socket, Some("A2"));
+    let end = tokio::time::Instant::now() + common::DEADLINE;
+    let reply = loop {
+        if let Some((reply, from)) = try_ask(&c, vip, b"y", Duration::from_millis(200)).await {
+            assert_eq!(from, vip);
+            break reply;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "the flow never recovered after its backend returned"
+        );
+    };
+    assert_eq!(reply, b"A2:y");
+    assert_eq!(ask(&c, vip, b"z").await, b"A2:z", "and it keeps working");
+    assert_eq!(lb.listener("u").stats.active.load(Relaxed), 1);
+    back.task.abort();
     lb.stop().await;
 }
 

@@ -1,6 +1,7 @@
 //! A UDP listener in `/metrics` and `/status`: flows, datagrams and bytes
-//! each way are exact per listener and per backend, and the live-flow
-//! gauges return to 0 when the flows idle out.
+//! each way are exact per listener and per backend, the live-flow gauges
+//! return to 0 when the flows idle out, and the flow cap's drops show as
+//! `reason="limit"`.
 
 use super::*;
 use tokio::net::UdpSocket;
@@ -93,5 +94,42 @@ async fn udp_flows_datagrams_and_bytes_are_exact_in_metrics_and_status() {
         let bl = [("listener", "l"), ("backend", addr.as_str())];
         assert_eq!(value(&m, "slb_backend_connections_active", &bl), 0.0);
     }
+    lb.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_flow_cap_drops_show_as_limit_in_metrics_and_status() {
+    let a = udp_echo().await;
+    let yaml = tcp_config("rr", &[(a, 10)], "max_connections: 1\nidle_timeout: 30s")
+        .replace("protocol: tcp", "protocol: udp");
+    let lb = start_lb(&yaml).await;
+    let vip = lb.addr("l");
+    let mut buf = [0u8; 16];
+    let first = UdpSocket::bind("127.0.0.1:0").await.expect("bind client");
+    timeout(first.send_to(b"in", vip)).await.expect("send");
+    timeout(first.recv_from(&mut buf)).await.expect("echo");
+    // Two more clients, one datagram each: new flows over the cap of 1.
+    for _ in 0..2 {
+        let c = UdpSocket::bind("127.0.0.1:0").await.expect("bind client");
+        timeout(c.send_to(b"over", vip)).await.expect("send");
+    }
+    let listener = lb.listener("l");
+    eventually("two datagrams dropped at the cap", || {
+        listener.stats.dropped(slb::stats::DropReason::Limit) == 2
+    })
+    .await;
+    let m = metrics(&lb).await;
+    let st = status(&lb).await;
+    let l = &st["listeners"][0];
+    for (reason, want) in [("limit", 2), ("no_backend", 0), ("connect_failed", 0)] {
+        let labels = [("listener", "l"), ("reason", reason)];
+        assert_eq!(
+            value(&m, "slb_listener_dropped_total", &labels),
+            want as f64,
+            "{reason}"
+        );
+        assert_eq!(l["dropped"][reason], want, "{reason}");
+    }
+    assert_eq!(l["total"], 1, "only the first client got a flow");
     lb.stop().await;
 }
