@@ -333,3 +333,66 @@ pub fn ramp_percent(
     let pct = elapsed.as_micros() * 100 / ramp.as_micros().max(1);
     (pct as u32).clamp(1, 100)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::health::CheckResult;
+    use tokio::time::{advance, Instant};
+
+    #[test]
+    fn ramp_is_linear_from_a_trickle_to_full() {
+        let t0 = Instant::now();
+        let ramp = Some(Duration::from_secs(10));
+        let at = |ms| ramp_percent(ramp, Some(t0), t0 + Duration::from_millis(ms));
+        assert_eq!(
+            [at(0), at(1_000), at(5_000), at(9_990), at(10_000), at(99_000)],
+            [1, 10, 50, 99, 100, 100]
+        );
+        assert_eq!(ramp_percent(None, Some(t0), t0), 100, "slow start off");
+        assert_eq!(ramp_percent(ramp, None, t0), 100, "never recovered");
+    }
+
+    fn listener(extra: &str) -> Arc<Listener> {
+        let yaml = format!(
+            "listeners:\n  - name: l\n    protocol: tcp\n    listen: 127.0.0.1:0\n    backend_group: g\n    health_check: {{interval: 1s, timeout: 500ms, healthy_threshold: 1, unhealthy_threshold: 1}}\n{extra}backend_groups:\n  - name: g\n    backends:\n      - address: 127.0.0.1:1\n      - address: 127.0.0.1:2\n"
+        );
+        let spec = crate::config::parse(&yaml).unwrap().listeners.remove(0);
+        Listener::new(spec)
+    }
+
+    fn probe(l: &Listener, i: usize, r: CheckResult) {
+        if l.snapshot().backends[i].state.health.observe_probe(r) {
+            l.rebuild();
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_revived_backend_ramps_its_weight_over_slow_start() {
+        let l = listener("    slow_start: 10s\n");
+        probe(&l, 0, CheckResult::Ok);
+        probe(&l, 1, CheckResult::Ok);
+        let weight = |l: &Listener| l.snapshot().backends[1].weight;
+        assert_eq!(weight(&l), 10, "up at start: no ramp");
+        probe(&l, 1, CheckResult::Refused);
+        probe(&l, 1, CheckResult::Ok);
+        // Let the ramp ticker start its first step now.
+        tokio::task::yield_now().await;
+        let mut seen = vec![weight(&l)];
+        for _ in 0..6 {
+            advance(Duration::from_secs(2)).await;
+            // Let the ramp ticker run its rebuilds.
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+            seen.push(weight(&l));
+        }
+        assert_eq!(seen, [1, 2, 4, 6, 8, 10, 10], "climbs with time, then stays full");
+        assert!(!l.snapshot().ramping);
+        assert_eq!(
+            l.snapshot().backends[0].weight,
+            10,
+            "the other backend is untouched"
+        );
+    }
+}
