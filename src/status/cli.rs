@@ -112,6 +112,9 @@ fn listener_rows(s: &mut String, l: &ListenerReport) {
     if l.fail_open {
         flags.push_str("  FAIL-OPEN (every backend unhealthy)");
     }
+    if let Some(q) = &l.queue {
+        let _ = write!(flags, "  queue {}/{}", q.length, q.size);
+    }
     let _ = writeln!(
         s,
         "{:<4} {:<22} {:<14} {:<8} {:>8} {:>10} {:>9} {:>9} {:>8}{flags}",
@@ -127,9 +130,16 @@ fn listener_rows(s: &mut String, l: &ListenerReport) {
     );
     for b in &l.backends {
         let health = match (l.health_check.is_some(), b.healthy) {
+            (_, false) if b.health == "pending" => "pending",
             (_, false) => "DOWN",
+            (true, true) if b.effective_weight < b.weight => "ramping",
             (true, true) => "up",
             (false, true) => "unchecked",
+        };
+        // Slots in use / slots, for backends with max_connections.
+        let active = match b.max_connections {
+            Some(max) => format!("{}/{max}", b.active),
+            None => b.active.to_string(),
         };
         // Backend bytes are counted from the backend's side: rx = received
         // from it, tx = sent to it.
@@ -139,7 +149,7 @@ fn listener_rows(s: &mut String, l: &ListenerReport) {
             b.address,
             b.weight,
             health,
-            b.active,
+            active,
             b.total,
             bytes(b.rx_bytes),
             bytes(b.tx_bytes),
