@@ -8,8 +8,9 @@ pub type Series = (String, BTreeMap<String, String>);
 pub type Parsed = (HashMap<Series, f64>, HashMap<String, String>);
 
 /// A strict parser of the Prometheus text format (the subset slb emits:
-/// counters and gauges). Every sample needs a TYPE and HELP line first;
-/// a series may appear once.
+/// counters, gauges and histograms). Every sample needs a TYPE and HELP
+/// line first (a histogram's `_bucket`, `_sum` and `_count` samples belong
+/// to its name); a series may appear once.
 pub fn parse_prometheus(text: &str) -> Result<Parsed, String> {
     let (mut samples, mut types, mut helps) = (HashMap::new(), HashMap::new(), HashMap::new());
     let valid_name = |n: &str| {
@@ -29,7 +30,7 @@ pub fn parse_prometheus(text: &str) -> Result<Parsed, String> {
             }
         } else if let Some(rest) = line.strip_prefix("# TYPE ") {
             let (name, kind) = rest.split_once(' ').ok_or(format!("bad TYPE: {line}"))?;
-            if !valid_name(name) || !["counter", "gauge"].contains(&kind) {
+            if !valid_name(name) || !["counter", "gauge", "histogram"].contains(&kind) {
                 return Err(format!("bad TYPE: {line}"));
             }
             if types.insert(name.to_owned(), kind.to_owned()).is_some() {
@@ -42,7 +43,12 @@ pub fn parse_prometheus(text: &str) -> Result<Parsed, String> {
             if !valid_name(&series.0) {
                 return Err(format!("bad metric name: {line}"));
             }
-            if !types.contains_key(&series.0) || !helps.contains_key(&series.0) {
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .filter_map(|suffix| series.0.strip_suffix(suffix))
+                .find(|base| types.get(*base).is_some_and(|t| t == "histogram"))
+                .unwrap_or(&series.0);
+            if !types.contains_key(family) || !helps.contains_key(family) {
                 return Err(format!("sample before its TYPE and HELP: {line}"));
             }
             if samples.insert(series, value).is_some() {
