@@ -7,12 +7,12 @@
 #[path = "observability/cli.rs"]
 mod cli;
 mod common;
+#[path = "observability/health.rs"]
+mod health;
 #[path = "observability/prom.rs"]
 mod prom;
 #[path = "health/slb_process.rs"]
 mod slb_process;
-#[path = "observability/health.rs"]
-mod health;
 #[path = "observability/udp.rs"]
 mod udp;
 
