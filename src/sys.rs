@@ -24,3 +24,21 @@ pub fn raise_fd_limit() -> u64 {
     }
     lim.rlim_cur
 }
+
+/// Whether the peer of `socket` has closed or reset it (FIN or RST seen),
+/// asked with a zero-timeout `poll(2)` so the socket's readiness in the
+/// runtime is left alone, and bytes it holds stay unread.
+pub fn peer_closed(socket: &impl std::os::fd::AsRawFd) -> bool {
+    #[cfg(target_os = "linux")]
+    const HANGUP: libc::c_short = libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR;
+    #[cfg(not(target_os = "linux"))]
+    const HANGUP: libc::c_short = libc::POLLHUP | libc::POLLERR;
+    let mut fd = libc::pollfd {
+        fd: socket.as_raw_fd(),
+        events: HANGUP,
+        revents: 0,
+    };
+    // SAFETY: poll reads and writes only the one pollfd we pass.
+    let n = unsafe { libc::poll(&mut fd, 1, 0) };
+    n > 0 && fd.revents & (HANGUP | libc::POLLNVAL) != 0
+}

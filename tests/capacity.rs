@@ -129,6 +129,44 @@ async fn queued_connections_are_served_in_fifo_order_as_slots_free() {
 }
 
 #[tokio::test]
+async fn a_request_sent_while_queued_reaches_the_backend_when_dispatched() {
+    let backend = common::echo().await;
+    let yaml = config(
+        "lc",
+        &[(backend.addr, Some(1))],
+        "queue: {size: 10, timeout: 30s}",
+    );
+    let lb = start_lb(&yaml).await;
+    let addr = lb.addr("l");
+    let mut first = timeout(TcpStream::connect(addr)).await.unwrap();
+    first.write_all(b"one\n").await.unwrap();
+    assert_eq!(read_line(&mut first).await, "one");
+    // Two waiters send their requests at once, before they get a slot; the
+    // second also closes its write side (a half-close counts as gone).
+    let mut waiter = timeout(TcpStream::connect(addr)).await.unwrap();
+    waiter.write_all(b"two\n").await.unwrap();
+    eventually("queued", || queued(&lb) == 1).await;
+    let mut leaver = timeout(TcpStream::connect(addr)).await.unwrap();
+    leaver.write_all(b"three\n").await.unwrap();
+    eventually("queued behind", || queued(&lb) == 2).await;
+    leaver.shutdown().await.unwrap();
+    eventually("a waiter with bytes pending that hangs up leaves", || {
+        dropped(&lb, DropReason::QueueAbandoned) == 1
+    })
+    .await;
+    drop(first);
+    assert_eq!(
+        read_line(&mut waiter).await,
+        "two",
+        "the queued request was delivered"
+    );
+    waiter.write_all(b"more\n").await.unwrap();
+    assert_eq!(read_line(&mut waiter).await, "more");
+    drop((waiter, leaver));
+    lb.stop().await;
+}
+
+#[tokio::test]
 async fn queue_timeout_closes_and_counts() {
     let a = id_server("a").await;
     let lb = start_lb(&config(

@@ -196,20 +196,26 @@ async fn wait_in_queue(
     }
 }
 
-/// Resolves when the client closes or resets its connection. Bytes the
-/// client sends meanwhile stay in the socket for the backend. A half-close
+/// Resolves when the client closes or resets its connection. A half-close
 /// (FIN) counts as gone: a queued client cannot be told from one that left.
+///
+/// Until the client sends something its readiness says when it closes. Once
+/// bytes wait in the socket (a request sent before a slot came) that
+/// readiness must stay set for the forwarder (epoll is edge-triggered: a
+/// cleared edge would never come back), so from then on the socket is
+/// polled for a hang-up without touching it, backing off from 20 ms to 1 s.
 async fn client_gone(client: &TcpStream) {
+    match client.ready(Interest::READABLE).await {
+        Ok(r) if !r.is_read_closed() && !r.is_error() => {}
+        _ => return,
+    }
+    let mut every = Duration::from_millis(20);
     loop {
-        match client.ready(Interest::READABLE).await {
-            Ok(r) if !r.is_read_closed() && !r.is_error() => {
-                // Data waiting: forget this readiness, wake on the next event.
-                let _ = client.try_io(Interest::READABLE, || {
-                    Err::<(), _>(io::ErrorKind::WouldBlock.into())
-                });
-            }
-            _ => return,
+        tokio::time::sleep(every).await;
+        if crate::sys::peer_closed(client) {
+            return;
         }
+        every = (every * 2).min(Duration::from_secs(1));
     }
 }
 
