@@ -75,15 +75,21 @@ fn slb(args: &[&str]) -> std::process::Output {
         .expect("run slb")
 }
 
-#[test]
-fn check_prints_a_summary_and_exits_zero() {
-    let out = slb(&["check", "-c", "conf/slb.yaml"]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
+/// `slb check -c path`, which must exit 0: its stdout.
+fn check_ok(path: &str) -> String {
+    let out = slb(&["check", "-c", path]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    stdout
+}
+
+#[test]
+fn check_prints_a_summary_and_exits_zero() {
+    let stdout = check_ok("conf/slb.yaml");
     assert!(
         stdout.contains("listener \"ai-service\": tcp 0.0.0.0:8999 -> group \"ai-pool\""),
         "{stdout}"
@@ -139,13 +145,7 @@ fn version_and_help() {
 
 #[test]
 fn check_warns_about_an_empty_group_by_name_and_exits_zero() {
-    let out = slb(&["check", "-c", "tests/fixtures/valid/ipv6-and-empty-group.yaml"]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = check_ok("tests/fixtures/valid/ipv6-and-empty-group.yaml");
     assert!(
         stdout.contains("warning: backend group \"empty\" is empty"),
         "{stdout}"
