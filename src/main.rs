@@ -123,9 +123,17 @@ fn summary(c: &Config) -> String {
             Some(p) => format!("persistence {}", humantime::format_duration(p.timeout)),
             None => "persistence off".into(),
         };
+        let mut capacity = String::new();
+        if let Some(q) = &l.queue {
+            let t = humantime::format_duration(q.timeout);
+            let _ = write!(capacity, ", queue {} (timeout {t})", q.size);
+        }
+        if let Some(d) = l.slow_start {
+            let _ = write!(capacity, ", slow start {}", humantime::format_duration(d));
+        }
         let _ = writeln!(
             s,
-            "listener {:?}: {proto} {} -> group {:?}, scheduler {}, {health}, {persist}, max {} connections",
+            "listener {:?}: {proto} {} -> group {:?}, scheduler {}, {health}, {persist}, max {} connections{capacity}",
             l.name,
             l.listen,
             l.backend_group,
@@ -133,7 +141,11 @@ fn summary(c: &Config) -> String {
             l.max_connections
         );
         for b in &l.backends {
-            let _ = writeln!(s, "    backend {} weight {}", b.address, b.weight);
+            let slots = b
+                .max_connections
+                .map(|m| format!(", {m} slots"))
+                .unwrap_or_default();
+            let _ = writeln!(s, "    backend {} weight {}{slots}", b.address, b.weight);
         }
         if l.backends.is_empty() {
             let _ = writeln!(s, "    (no backends)");

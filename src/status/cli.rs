@@ -197,6 +197,30 @@ mod tests {
     }
 
     #[test]
+    fn table_shows_slots_in_use_the_queue_and_pending_backends() {
+        let backend = |health: &str, max: Option<u64>| {
+            serde_json::json!({"address": "127.0.0.1:1", "weight": 10, "effective_weight": 10,
+                "healthy": health == "up", "health": health, "max_connections": max, "active": 3,
+                "total": 9, "failures": 0, "rx_bytes": 0, "tx_bytes": 0, "rx_datagrams": 0,
+                "tx_datagrams": 0, "checks": {}})
+        };
+        let report = serde_json::json!({"version": "0", "uptime_seconds": 1.0, "listeners": [{
+            "name": "ai", "protocol": "tcp", "address": "127.0.0.1:8999", "backend_group": "g",
+            "scheduler": "lc", "max_connections": 100, "connect_timeout_seconds": 3.0,
+            "idle_timeout_seconds": 900.0, "health_check": null, "session_persistence": null,
+            "on_all_unhealthy": "fail_open", "fail_open": false,
+            "queue": {"size": 10, "timeout_seconds": 30.0, "length": 7, "dispatched": 0, "wait_seconds_sum": 0.0},
+            "slow_start_seconds": null, "backends_unhealthy": 1, "active": 6, "total": 18,
+            "rx_bytes": 0, "tx_bytes": 0, "rx_datagrams": 0, "tx_datagrams": 0, "limit_events": 0,
+            "dropped": {}, "backends": [backend("up", Some(4)), backend("pending", None)]}]});
+        let r: Report = serde_json::from_value(report).unwrap();
+        let t = table(&r, "127.0.0.1:9100".parse().unwrap());
+        assert!(t.contains("queue 7/10"), "{t}");
+        assert!(t.contains(" 3/4 "), "{t}");
+        assert!(t.contains("pending"), "{t}");
+    }
+
+    #[test]
     fn admin_address_forms() {
         let want: SocketAddr = "127.0.0.1:9100".parse().unwrap();
         for a in ["127.0.0.1:9100", "http://127.0.0.1:9100/"] {
