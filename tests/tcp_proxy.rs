@@ -394,14 +394,18 @@ async fn ipv6_listener_and_backend() {
         let _ = s.write_all(b"six\n").await;
     })
     .await;
-    let yaml = tcp_config("rr", &[(backend.addr, 10)], "").replace(
-        "listen: 127.0.0.1:0\n    backend_group",
-        "listen: \"[::1]:0\"\n    backend_group",
-    );
-    let lb = start_lb(&yaml).await;
+    let lb = start_lb(&ipv6_listener_config(backend.addr)).await;
     assert!(lb.addr("l").is_ipv6());
     assert_eq!(read_id(lb.addr("l")).await, "six");
     lb.stop().await;
+}
+
+/// A one-listener rr configuration whose listener is on `[::1]:0`.
+fn ipv6_listener_config(backend: std::net::SocketAddr) -> String {
+    tcp_config("rr", &[(backend, 10)], "").replace(
+        "listen: 127.0.0.1:0\n    backend_group",
+        "listen: \"[::1]:0\"\n    backend_group",
+    )
 }
 
 /// Whether this host can bind `[::1]` (IPv6 loopback); tests that need it
@@ -443,11 +447,7 @@ async fn ipv6_listener_forwards_to_an_ipv4_backend() {
             .await;
     })
     .await;
-    let yaml = tcp_config("rr", &[(backend.addr, 10)], "").replace(
-        "listen: 127.0.0.1:0\n    backend_group",
-        "listen: \"[::1]:0\"\n    backend_group",
-    );
-    let lb = start_lb(&yaml).await;
+    let lb = start_lb(&ipv6_listener_config(backend.addr)).await;
     assert!(lb.addr("l").is_ipv6());
     assert_eq!(read_id(lb.addr("l")).await, "from 127.0.0.1");
     lb.stop().await;
