@@ -109,10 +109,55 @@ async fn handle(
     set_nodelay_or_warn(&client);
     let start = Instant::now();
     let spec = listener.snapshot().spec.clone();
+    // Two phases awaited one after the other, so that the task's state is
+    // the larger of the two, not their sum: this is most of what an idle
+    // connection costs in memory.
+    let (slot, mut upstream) = match Box::pin(establish(&listener, &client, peer, spec.connect_timeout)).await
+    {
+        Ok(up) => up,
+        Err((reason, tried)) => {
+            stats.drop_one(reason);
+            forward::reset(&client);
+            info!(
+                target: "slb::access",
+                listener = %listener.name(), client = %peer, tried,
+                duration_ms = start.elapsed().as_millis() as u64,
+                end = reason.as_str(), "tcp connection dropped"
+            );
+            return;
+        }
+    };
+    let backend = slot.backend();
+    let bstats = &backend.state.stats;
+    let meters = Meters {
+        upstream: [&stats.rx_bytes, &bstats.tx_bytes],
+        downstream: [&bstats.rx_bytes, &stats.tx_bytes],
+    };
+    let forwarding = forward(&mut client, &mut upstream, spec.idle_timeout, meters);
+    tokio::pin!(forwarding);
+    let out = forwarding.await;
+    info!(
+        target: "slb::access",
+        listener = %listener.name(), client = %peer, backend = %backend.addr,
+        duration_ms = start.elapsed().as_millis() as u64,
+        rx_bytes = out.to_backend, tx_bytes = out.to_client, end = out.end.as_str(),
+        "tcp connection"
+    );
+}
+
+/// Pick a backend (waiting in the queue if every one is full) and connect
+/// to it, each candidate tried once; the slot and the upstream stream, or
+/// why the connection is dropped and how many backends were tried.
+async fn establish(
+    listener: &Listener,
+    client: &TcpStream,
+    peer: SocketAddr,
+    connect_timeout: Duration,
+) -> Result<(Slot, TcpStream), (DropReason, usize)> {
     // Backends whose connect failed for this connection: each is tried once.
     let mut failed: Vec<SocketAddr> = Vec::new();
     let mut queued = false;
-    let reason = loop {
+    loop {
         // While others wait in the queue, a newcomer joins them rather than
         // taking a slot freed for the head.
         let waiting = !queued && listener.queue().is_some_and(|q| !q.is_empty());
@@ -125,35 +170,24 @@ async fn handle(
             Acquired::Slot(slot) => slot,
             Acquired::Full if !queued && listener.queue().is_some() => {
                 queued = true;
-                match wait_in_queue(&listener, &client, peer).await {
+                // Boxed: only queued connections pay for the wait's state.
+                match Box::pin(wait_in_queue(listener, client, peer)).await {
                     Ok(slot) => slot,
-                    Err(reason) => break reason,
+                    Err(reason) => return Err((reason, failed.len())),
                 }
             }
-            Acquired::Full if failed.is_empty() => break DropReason::Full,
-            Acquired::NoBackend if failed.is_empty() => break DropReason::NoBackend,
-            _ => break DropReason::ConnectFailed,
+            Acquired::Full if failed.is_empty() => return Err((DropReason::Full, 0)),
+            Acquired::NoBackend if failed.is_empty() => return Err((DropReason::NoBackend, 0)),
+            _ => return Err((DropReason::ConnectFailed, failed.len())),
         };
         let backend = slot.backend();
         let bstats = &backend.state.stats;
-        match connect(backend, spec.connect_timeout).await {
-            Ok(mut upstream) => {
+        match connect(backend, connect_timeout).await {
+            Ok(upstream) => {
                 bstats.total.fetch_add(1, Relaxed);
                 backend.state.health.observe_data_path_success();
                 listener.record(peer.ip(), backend);
-                let meters = Meters {
-                    upstream: [&stats.rx_bytes, &bstats.tx_bytes],
-                    downstream: [&bstats.rx_bytes, &stats.tx_bytes],
-                };
-                let out = forward(&mut client, &mut upstream, spec.idle_timeout, meters).await;
-                info!(
-                    target: "slb::access",
-                    listener = %listener.name(), client = %peer, backend = %backend.addr,
-                    duration_ms = start.elapsed().as_millis() as u64,
-                    rx_bytes = out.to_backend, tx_bytes = out.to_client, end = out.end.as_str(),
-                    "tcp connection"
-                );
-                return;
+                return Ok((slot, upstream));
             }
             Err(e) => {
                 bstats.connect_failures.fetch_add(1, Relaxed);
@@ -166,15 +200,7 @@ async fn handle(
                 }
             }
         }
-    };
-    stats.drop_one(reason);
-    forward::reset(&client);
-    info!(
-        target: "slb::access",
-        listener = %listener.name(), client = %peer, tried = failed.len(),
-        duration_ms = start.elapsed().as_millis() as u64,
-        end = reason.as_str(), "tcp connection dropped"
-    );
+    }
 }
 
 /// Wait in the listener's queue for a slot, for at most `queue.timeout`,

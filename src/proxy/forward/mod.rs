@@ -16,13 +16,12 @@ mod pump;
 #[cfg(target_os = "linux")]
 mod splice;
 
-use std::future::{poll_fn, Future};
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
@@ -70,75 +69,92 @@ pub struct Outcome {
 }
 
 /// Forward between `client` and `backend` until both directions end, one
-/// side resets, or the connection is idle for `idle`.
-pub async fn forward(
-    client: &mut TcpStream,
-    backend: &mut TcpStream,
+/// side resets (both are then reset), or the connection is idle for `idle`
+/// (both reset too). The caller pins the returned future where it is
+/// (`tokio::pin!`) rather than moving it into an `.await`: it is most of an
+/// idle connection's memory and should exist once.
+pub fn forward<'a>(
+    client: &'a mut TcpStream,
+    backend: &'a mut TcpStream,
     idle: Duration,
-    meters: Meters<'_>,
-) -> Outcome {
-    // One hand-written poll drives both directions and the idle timer; all
-    // of it lives in one small struct, which keeps an idle connection's
-    // state to a few hundred bytes (no per-direction futures or waiters).
-    let sleep = tokio::time::sleep(idle);
-    tokio::pin!(sleep);
-    let (cr, cw) = client.split();
-    let (br, bw) = backend.split();
-    let mut conn = Conn {
-        client: (cr, cw),
-        backend: (br, bw),
-        up: Pump::new(meters.upstream),
-        down: Pump::new(meters.downstream),
-        first: None,
-        last: Instant::now(),
+    meters: Meters<'a>,
+) -> Forward<'a> {
+    Forward {
+        conn: Conn {
+            client,
+            backend,
+            up: Pump::new(meters.upstream),
+            down: Pump::new(meters.downstream),
+            first: None,
+            last: Instant::now(),
+        },
+        sleep: tokio::time::sleep(idle),
         idle,
-    };
-    let end = poll_fn(|cx| conn.poll(cx, sleep.as_mut())).await;
-    let (to_backend, to_client) = (conn.up.total(), conn.down.total());
-    if matches!(end, End::Reset | End::IdleTimeout) {
-        reset(client);
-        reset(backend);
-    }
-    Outcome {
-        to_backend,
-        to_client,
-        end,
     }
 }
 
-/// A connection being forwarded.
-struct Conn<'s, 'm> {
-    client: (ReadHalf<'s>, WriteHalf<'s>),
-    backend: (ReadHalf<'s>, WriteHalf<'s>),
+pin_project_lite::pin_project! {
+    /// A connection being forwarded, as a future: one hand-written poll
+    /// drives both directions and the idle timer, and all of its state is
+    /// this struct (no per-direction futures, waiters or buffers).
+    pub struct Forward<'a> {
+        conn: Conn<'a>,
+        #[pin]
+        sleep: Sleep,
+        idle: Duration,
+    }
+}
+
+impl Future for Forward<'_> {
+    type Output = Outcome;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
+        let this = self.project();
+        let conn = this.conn;
+        let end = ready!(conn.poll(cx, this.sleep, *this.idle));
+        if matches!(end, End::Reset | End::IdleTimeout) {
+            reset(conn.client);
+            reset(conn.backend);
+        }
+        Poll::Ready(Outcome {
+            to_backend: conn.up.total(),
+            to_client: conn.down.total(),
+            end,
+        })
+    }
+}
+
+/// Both streams and both directions of a forwarded connection.
+struct Conn<'a> {
+    client: &'a mut TcpStream,
+    backend: &'a mut TcpStream,
     /// Client -> backend, and backend -> client.
-    up: Pump<'m>,
-    down: Pump<'m>,
+    up: Pump<'a>,
+    down: Pump<'a>,
     /// Which side closed first, once one has.
     first: Option<End>,
     /// When bytes last moved.
     last: Instant,
-    idle: Duration,
 }
 
-impl Conn<'_, '_> {
-    fn poll(&mut self, cx: &mut Context<'_>, sleep: Pin<&mut Sleep>) -> Poll<End> {
+impl Conn<'_> {
+    fn poll(&mut self, cx: &mut Context<'_>, sleep: Pin<&mut Sleep>, idle: Duration) -> Poll<End> {
         let r = self.step(cx);
         if self.up.take_moved() | self.down.take_moved() {
             self.last = Instant::now();
         }
         match r {
             Poll::Ready(end) => Poll::Ready(end),
-            Poll::Pending => idle_check(cx, sleep, self.last, self.idle),
+            Poll::Pending => idle_check(cx, sleep, self.last, idle),
         }
     }
 
     /// Poll both directions.
     fn step(&mut self, cx: &mut Context<'_>) -> Poll<End> {
-        let (cr, cw) = &mut self.client;
-        let (br, bw) = &mut self.backend;
+        let (client, backend) = (&mut *self.client, &mut *self.backend);
         let (up, down) = (&mut self.up, &mut self.down);
-        let Poll::Ready(u) = up.poll(cx, cr, bw, down.is_done()).map(|r| r.is_ok()) else {
-            return match down.poll(cx, br, cw, false) {
+        let Poll::Ready(u) = up.poll(cx, client, backend, down.is_done()).map(|r| r.is_ok()) else {
+            return match down.poll(cx, backend, client, false) {
                 Poll::Ready(Err(_)) => Poll::Ready(End::Reset),
                 Poll::Ready(Ok(())) => {
                     self.first.get_or_insert(End::BackendClose);
@@ -151,7 +167,7 @@ impl Conn<'_, '_> {
             return Poll::Ready(End::Reset);
         }
         let first = *self.first.get_or_insert(End::ClientClose);
-        match down.poll(cx, br, cw, true) {
+        match down.poll(cx, backend, client, true) {
             Poll::Ready(Err(_)) => Poll::Ready(End::Reset),
             Poll::Ready(Ok(())) => Poll::Ready(first),
             Poll::Pending => Poll::Pending,

@@ -6,7 +6,7 @@
 //! read/write: for a few hundred bytes that is cheaper than splice. Once a
 //! read fills the whole buffer the direction is moving bulk data and (on
 //! Linux) switches to splice(2); it switches back when a round moves little.
-//! Waiting uses the stream halves' poll functions, which keep no waiter in
+//! Waiting uses the streams' poll functions, which keep no waiter in
 //! the connection's state, so an idle direction is a few bytes; a short read
 //! tells tokio the socket is drained, which saves a read that would block.
 
@@ -19,7 +19,7 @@ use std::sync::atomic::AtomicU64;
 use std::task::{ready, Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::tcp::{ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
 
 #[cfg(target_os = "linux")]
 use super::splice::{self, Pipe};
@@ -106,8 +106,8 @@ impl<'a> Pump<'a> {
     pub(super) fn poll(
         &mut self,
         cx: &mut Context<'_>,
-        src: &mut ReadHalf<'_>,
-        dst: &mut WriteHalf<'_>,
+        src: &mut TcpStream,
+        dst: &mut TcpStream,
         other_done: bool,
     ) -> Poll<io::Result<()>> {
         loop {
@@ -125,7 +125,7 @@ impl<'a> Pump<'a> {
                         if !other_done {
                             // The peer may already be gone; the other
                             // direction reports that.
-                            let _ = socket2::SockRef::from(dst.as_ref()).shutdown(Shutdown::Write);
+                            let _ = socket2::SockRef::from(&*dst).shutdown(Shutdown::Write);
                         }
                         self.state = State::Done;
                     }
@@ -146,14 +146,14 @@ impl<'a> Pump<'a> {
 fn round(
     cx: &mut Context<'_>,
     bulk: bool,
-    src: &mut ReadHalf<'_>,
-    dst: &mut WriteHalf<'_>,
+    src: &mut TcpStream,
+    dst: &mut TcpStream,
     tally: &mut Tally<'_>,
 ) -> Poll<io::Result<Round>> {
     #[cfg(target_os = "linux")]
     if bulk {
-        ready!(src.as_ref().poll_read_ready(cx))?;
-        if let Some(r) = splice::round(src.as_ref(), dst.as_ref(), tally) {
+        ready!(src.poll_read_ready(cx))?;
+        if let Some(r) = splice::round(src, dst, tally) {
             return Poll::Ready(r);
         }
     }
@@ -166,8 +166,8 @@ fn round(
 /// much as `dst` takes; only a remainder goes to a pooled heap buffer.
 fn copy_round(
     cx: &mut Context<'_>,
-    src: &mut ReadHalf<'_>,
-    dst: &mut WriteHalf<'_>,
+    src: &mut TcpStream,
+    dst: &mut TcpStream,
     tally: &mut Tally<'_>,
 ) -> Poll<io::Result<Round>> {
     let mut stack = [MaybeUninit::<u8>::uninit(); BUF_SIZE];
@@ -200,7 +200,7 @@ fn copy_round(
 fn write_some(
     cx: &mut Context<'_>,
     bytes: &[u8],
-    dst: &mut WriteHalf<'_>,
+    dst: &mut TcpStream,
     tally: &mut Tally<'_>,
 ) -> io::Result<usize> {
     let mut off = 0;
@@ -223,7 +223,7 @@ impl Held {
     pub(super) fn flush(
         &mut self,
         cx: &mut Context<'_>,
-        dst: &mut WriteHalf<'_>,
+        dst: &mut TcpStream,
         tally: &mut Tally<'_>,
     ) -> Poll<io::Result<()>> {
         match self {
@@ -237,10 +237,10 @@ impl Held {
             }
             #[cfg(target_os = "linux")]
             Held::Pipe { pipe, left } => loop {
-                if splice::drain(pipe, left, dst.as_ref(), tally)? {
+                if splice::drain(pipe, left, dst, tally)? {
                     return Poll::Ready(Ok(()));
                 }
-                ready!(dst.as_ref().poll_write_ready(cx))?;
+                ready!(dst.poll_write_ready(cx))?;
             },
         }
     }
