@@ -26,7 +26,9 @@ use crate::stats::{ActiveGuard, DropReason};
 const BACKLOG: i32 = 65_535;
 
 /// Bind a TCP listening socket: SO_REUSEADDR, IPv6 sockets v6-only (so
-/// `[::]:p` and `0.0.0.0:p` can coexist), a large backlog.
+/// `[::]:p` and `0.0.0.0:p` can coexist), a large backlog, and TCP_NODELAY,
+/// which Linux copies to every accepted socket (one setsockopt per
+/// connection saved).
 pub fn bind(addr: SocketAddr) -> Result<TcpListener> {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
@@ -35,6 +37,9 @@ pub fn bind(addr: SocketAddr) -> Result<TcpListener> {
     }
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
+    if let Err(e) = socket.set_nodelay(true) {
+        warn!(listen = %addr, error = %e, "cannot set TCP_NODELAY on the listening socket");
+    }
     socket
         .bind(&addr.into())
         .with_context(|| format!("cannot bind TCP {addr}"))?;
@@ -106,6 +111,8 @@ async fn handle(
     let stats = &listener.stats;
     stats.total.fetch_add(1, Relaxed);
     let _active = ActiveGuard::new(&stats.active);
+    // Linux: inherited from the listening socket (see `bind`).
+    #[cfg(not(target_os = "linux"))]
     set_nodelay_or_warn(&client);
     let start = Instant::now();
     let spec = listener.snapshot().spec.clone();
@@ -259,8 +266,27 @@ async fn connect(backend: &Backend, timeout: Duration) -> io::Result<TcpStream> 
     }
 }
 
+#[cfg(not(target_os = "linux"))]
 fn set_nodelay_or_warn(stream: &TcpStream) {
     if let Err(e) = stream.set_nodelay(true) {
         warn!(error = %e, "cannot set TCP_NODELAY");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The accept path relies on this instead of a setsockopt per connection.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn accepted_sockets_inherit_nodelay_from_the_listener() {
+        for addr in ["127.0.0.1:0", "[::1]:0"] {
+            let listener = bind(addr.parse().unwrap()).unwrap();
+            let local = listener.local_addr().unwrap();
+            let _client = TcpStream::connect(local).await.unwrap();
+            let (accepted, _) = listener.accept().await.unwrap();
+            assert!(accepted.nodelay().unwrap(), "{addr}");
+        }
     }
 }
