@@ -332,13 +332,13 @@ async fn idle(addr: SocketAddr, conns: usize) -> String {
 async fn udp(addr: SocketAddr, flows: usize, size: usize, dur: Duration) -> String {
     let start = Instant::now() + WARMUP;
     let end = start + dur;
-    let lost = Arc::new(AtomicU64::new(0));
+    let (lost, total) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let mut tasks = Vec::new();
     for _ in 0..flows {
-        let lost = lost.clone();
+        let (lost, total) = (lost.clone(), total.clone());
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::with_capacity(100_000);
-            let _ = udp_flow(addr, size, start, end, &mut lat, &lost).await;
+            let _ = udp_flow(addr, size, (start, end), &mut lat, (&lost, &total)).await;
             lat
         }));
     }
@@ -348,20 +348,22 @@ async fn udp(addr: SocketAddr, flows: usize, size: usize, dur: Duration) -> Stri
     }
     let rate = all.len() as f64 / dur.as_secs_f64();
     format!(
-        "{{\"rate\":{rate:.1},\"p50_us\":{:.1},\"p99_us\":{:.1},\"errors\":{}}}",
+        "{{\"rate\":{rate:.1},\"p50_us\":{:.1},\"p99_us\":{:.1},\"errors\":{},\"total\":{}}}",
         pct(&mut all, 0.50),
         pct(&mut all, 0.99),
-        lost.load(Relaxed)
+        lost.load(Relaxed),
+        total.load(Relaxed)
     )
 }
 
+/// One flow's ping-pong; every answered round trip, warm-up included (as
+/// the proxy's CPU is measured over the whole run), is added to `total`.
 async fn udp_flow(
     addr: SocketAddr,
     size: usize,
-    start: Instant,
-    end: Instant,
+    (start, end): (Instant, Instant),
     lat: &mut Vec<u32>,
-    lost: &AtomicU64,
+    (lost, total): (&AtomicU64, &AtomicU64),
 ) -> std::io::Result<()> {
     let bind: SocketAddr = if addr.is_ipv4() { "127.0.0.1:0" } else { "[::1]:0" }
         .parse()
@@ -376,7 +378,11 @@ async fn udp_flow(
             return Ok(());
         }
         s.send(&req).await?;
-        match tokio::time::timeout(UDP_LOSS_TIMEOUT, s.recv(&mut resp)).await {
+        let answer = tokio::time::timeout(UDP_LOSS_TIMEOUT, s.recv(&mut resp)).await;
+        if matches!(answer, Ok(Ok(_))) {
+            total.fetch_add(1, Relaxed);
+        }
+        match answer {
             Ok(Ok(_)) if t0 >= start => lat.push(t0.elapsed().as_nanos().min(u32::MAX as u128) as u32),
             Ok(Ok(_)) => {}
             Ok(Err(_)) | Err(_) => {
