@@ -19,6 +19,8 @@ use tokio::net::TcpStream;
 struct Proc {
     child: Child,
     addr: SocketAddr,
+    /// The lines logged up to and including `listener up`.
+    early: Vec<String>,
     lines: mpsc::Receiver<String>,
     _dir: TempDir,
 }
@@ -70,21 +72,29 @@ fn spawn_slb(yaml: &str, shell_prefix: &str) -> Proc {
         }
     });
     let deadline = Instant::now() + DEADLINE;
+    let mut early = Vec::new();
     let addr = loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let line = lines.recv_timeout(left).expect("slb never logged `listener up`");
-        if line.contains("listener up") {
-            let at = line.find("listen=").expect("listen= field") + "listen=".len();
-            let addr = line[at..].split_whitespace().next().unwrap();
+        early.push(line);
+        if let Some(addr) = logged_listen(&early, "listener up") {
             break addr.parse().unwrap();
         }
     };
     Proc {
         child,
         addr,
+        early,
         lines,
         _dir: TempDir(dir),
     }
+}
+
+/// The `listen=` address of the first of `lines` that contains `what`.
+fn logged_listen(lines: &[String], what: &str) -> Option<String> {
+    let line = lines.iter().find(|l| l.contains(what))?;
+    let at = line.find("listen=").expect("listen= field") + "listen=".len();
+    Some(line[at..].split_whitespace().next().unwrap().to_string())
 }
 
 fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
@@ -137,6 +147,51 @@ async fn sigterm_drains_live_connections_then_exits_zero() {
     drop(live);
     let status = tokio::task::block_in_place(|| wait_exit(&mut p.child));
     assert!(status.success(), "{status:?}");
+}
+
+/// Reads one HTTP/1.0 response body from the admin server at `addr`.
+async fn http_get(addr: &str, path: &str) -> String {
+    let mut s = timeout(TcpStream::connect(addr)).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut body = String::new();
+    timeout(s.read_to_string(&mut body)).await.unwrap();
+    body
+}
+
+/// `worker_threads: 1` runs slb on tokio's current-thread scheduler: the
+/// data path, the admin server (whose handlers use the blocking pool) and
+/// SIGTERM draining must all work there as on the multi-thread one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_worker_thread_forwards_serves_admin_and_drains() {
+    let backend = echo().await;
+    let yaml =
+        tcp_config("rr", &[(backend.addr, 10)], "").replace("runtime:\n", "runtime:\n  worker_threads: 1\n");
+    let mut p = spawn_slb(&yaml, "");
+    // The admin server logs its address around the time the listener does.
+    let deadline = Instant::now() + DEADLINE;
+    let admin = loop {
+        if let Some(addr) = logged_listen(&p.early, "admin server up") {
+            break addr;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line =
+            tokio::task::block_in_place(|| p.lines.recv_timeout(left)).expect("no `admin server up` log");
+        p.early.push(line);
+    };
+    for _ in 0..20 {
+        round_trip(p.addr).await.unwrap();
+    }
+    let status = http_get(&admin, "/status").await;
+    assert!(status.contains("200 OK"), "{status}");
+    assert!(
+        status.contains("\"total\": 20"),
+        "20 connections not in /status: {status}"
+    );
+    unsafe { libc::kill(p.child.id() as i32, libc::SIGTERM) };
+    let exit = tokio::task::block_in_place(|| wait_exit(&mut p.child));
+    assert!(exit.success(), "{exit:?}");
 }
 
 /// CPU seconds (user + system) a process has used.
