@@ -172,8 +172,10 @@ fn run(path: &std::path::Path) -> Result<()> {
     raise_fd_limit();
     // One worker: tokio's current-thread scheduler, which runs everything on
     // this thread with less bookkeeping per wake-up than a one-worker
-    // multi-thread runtime (A/B with scripts/bench-compare, 5 repetitions:
-    // 0.89x the CPU per request on 50 connections, 0.94x per UDP round trip).
+    // multi-thread runtime. Two A/B runs of scripts/bench-compare (5 and 7
+    // repetitions, medians of per-repetition ratios): CPU per request 0.89x
+    // and 0.99x on 50 connections, 0.96x and 0.95x on one; per connection
+    // 0.98x and 0.92x; per UDP round trip 0.94x and 0.98x; latency no worse.
     let mut rt = match config.runtime.worker_threads {
         Some(1) => tokio::runtime::Builder::new_current_thread(),
         Some(n) => {
