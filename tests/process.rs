@@ -149,6 +149,11 @@ async fn sigterm_drains_live_connections_then_exits_zero() {
     assert!(status.success(), "{status:?}");
 }
 
+/// A one-listener config in front of `backend` with `worker_threads: 1`.
+fn one_worker(backend: &Fake) -> String {
+    tcp_config("rr", &[(backend.addr, 10)], "").replace("runtime:\n", "runtime:\n  worker_threads: 1\n")
+}
+
 /// Reads one HTTP/1.0 response body from the admin server at `addr`.
 async fn http_get(addr: &str, path: &str) -> String {
     let mut s = timeout(TcpStream::connect(addr)).await.unwrap();
@@ -166,9 +171,7 @@ async fn http_get(addr: &str, path: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_worker_thread_forwards_serves_admin_and_drains() {
     let backend = echo().await;
-    let yaml =
-        tcp_config("rr", &[(backend.addr, 10)], "").replace("runtime:\n", "runtime:\n  worker_threads: 1\n");
-    let mut p = spawn_slb(&yaml, "");
+    let mut p = spawn_slb(&one_worker(&backend), "");
     // The admin server logs its address around the time the listener does.
     let deadline = Instant::now() + DEADLINE;
     let admin = loop {
@@ -208,10 +211,7 @@ fn cpu_seconds(pid: u32) -> f64 {
 async fn out_of_file_descriptors_backs_off_without_spinning_or_dying() {
     let backend = echo().await;
     // A hard limit of 64 descriptors: a couple of dozen connections exhaust it.
-    let p = spawn_slb(
-        &tcp_config("rr", &[(backend.addr, 10)], "").replace("runtime:\n", "runtime:\n  worker_threads: 1\n"),
-        "ulimit -n 64 &&",
-    );
+    let p = spawn_slb(&one_worker(&backend), "ulimit -n 64 &&");
     let mut held = Vec::new();
     for _ in 0..60 {
         // Handshakes complete in the kernel backlog even when slb cannot accept.
