@@ -156,6 +156,7 @@ impl Server {
         if let Some(admin) = self.admin {
             loops.push(admin::spawn(admin, self.state.clone(), shutdown.clone()));
         }
+        loops.push(tokio::spawn(timer_sentinel(shutdown.clone())));
         shutdown.cancelled().await;
         for l in loops {
             let _ = l.await;
@@ -176,5 +177,25 @@ impl Server {
         }
         info!("stopped");
         Ok(())
+    }
+}
+
+/// How often [`timer_sentinel`] wakes.
+const SENTINEL: Duration = Duration::from_secs(1);
+
+/// Keep a timer pending that is never more than [`SENTINEL`] away, until
+/// `shutdown`. Tokio wakes its I/O driver (an eventfd write and an extra
+/// epoll turn) whenever a new timer is due earlier than every pending one:
+/// without this, most new connections' connect timers did that, once the
+/// previous connections had connected (0.4 writes per connection measured
+/// with `perf record -e syscalls:sys_enter_write` under the connect-rate
+/// load). Timers longer than a second now never do; one wake-up a second
+/// is the price.
+async fn timer_sentinel(shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(SENTINEL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = async { loop { tick.tick().await; } } => {}
     }
 }

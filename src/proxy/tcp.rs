@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use tokio::io::Interest;
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -255,16 +255,50 @@ async fn client_gone(client: &TcpStream) {
 
 /// Connect to a backend with TCP_NODELAY, bounded by `timeout`.
 async fn connect(backend: &Backend, timeout: Duration) -> io::Result<TcpStream> {
-    let socket = if backend.addr.is_ipv4() {
+    match tokio::time::timeout(timeout, start_connect(backend.addr)).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
+    }
+}
+
+/// On Linux a connecting socket polls writable only once the handshake is
+/// over, and a failed one polls with EPOLLERR/EPOLLHUP as well: so the
+/// readiness event alone tells success from failure, and the getsockopt
+/// (SO_ERROR) that tokio's `connect` makes after it is only needed on
+/// failure, to learn the error. One system call per connection saved.
+#[cfg(target_os = "linux")]
+async fn start_connect(addr: SocketAddr) -> io::Result<TcpStream> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking(), None)?;
+    socket.set_nodelay(true)?;
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let stream = TcpStream::from_std(socket.into())?;
+    let ready = stream.ready(Interest::WRITABLE | Interest::ERROR).await?;
+    if ready.is_error() || ready.is_write_closed() {
+        return Err(stream.take_error()?.unwrap_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::ConnectionRefused,
+                "connection closed while connecting",
+            )
+        }));
+    }
+    Ok(stream)
+}
+
+#[cfg(not(target_os = "linux"))]
+async fn start_connect(addr: SocketAddr) -> io::Result<TcpStream> {
+    use tokio::net::TcpSocket;
+    let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
         TcpSocket::new_v6()?
     };
     socket.set_nodelay(true)?;
-    match tokio::time::timeout(timeout, socket.connect(backend.addr)).await {
-        Ok(r) => r,
-        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
-    }
+    socket.connect(addr).await
 }
 
 #[cfg(not(target_os = "linux"))]
@@ -288,6 +322,21 @@ mod tests {
             let _client = TcpStream::connect(local).await.unwrap();
             let (accepted, _) = listener.accept().await.unwrap();
             assert!(accepted.nodelay().unwrap(), "{addr}");
+        }
+    }
+
+    /// Success and refusal are told apart by the readiness event alone.
+    #[tokio::test]
+    async fn connect_tells_success_from_refusal() {
+        for addr in ["127.0.0.1:0", "[::1]:0"] {
+            let listener = TcpListener::bind(addr).await.unwrap();
+            let up = listener.local_addr().unwrap();
+            let stream = start_connect(up).await.unwrap();
+            assert_eq!(stream.peer_addr().unwrap(), up);
+            assert!(stream.nodelay().unwrap());
+            drop(listener);
+            let e = start_connect(up).await.unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{addr}: {e}");
         }
     }
 }
